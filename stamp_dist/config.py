@@ -1,0 +1,222 @@
+"""Typed configuration: OmegaConf structured dataclasses, loaded from YAML plus ``key=value`` overrides.
+
+One ``StampConfig`` describes a whole run. Sections follow the data flow:
+data → model → pretrain → meta → prune → finetune, plus runtime (distribution) and tracking.
+OmegaConf rejects unknown keys and wrong types; ``load_config`` turns those rejections (and values
+outside the allowed choices) into a ``StampError`` naming the key and the valid options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from .errors import StampError
+
+BACKBONES = ("convnet", "resnet20", "resnet56", "resnet18", "resnet50", "vgg19_bn")
+
+
+@dataclass
+class DataConfig:
+    root: str = "runs/demo/data"  # directory made by `stamp data demo` (reference/ and targets/)
+    reference: str = "${.root}/reference"  # per-class shard directory used to pretrain and meta-train
+    seed: int = 0
+    demo_classes: int = 64  # synthetic reference classes (the demo also holds out 16 more as a target)
+    demo_train_per_class: int = 200
+    demo_test_per_class: int = 50
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet20"
+    width: int = 16  # base width of the CIFAR ResNets and the ConvNet
+
+
+@dataclass
+class PretrainConfig:
+    out: str = "runs/demo/pretrain"
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    augment: bool = True
+    num_threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+
+@dataclass
+class MetaConfig:
+    out: str = "runs/demo/meta"
+    steps: int = 300
+    meta_batch: int = 4  # tasks per meta-step (per worker when distributed)
+    n_way_min: int = 5
+    n_way_max: int = 10
+    k_shot: int = 10
+    q_query: int = 10
+    inner_steps: int = 3
+    inner_lr: float = 0.1
+    first_order: bool = True
+    learn_backbone: bool = False
+    adapt_backbone: bool = False  # inner steps also update the backbone (else only the head)
+    budget_min: float = 0.1
+    budget_max: float = 0.6
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    tau: float = 0.5  # hard-concrete temperature
+    straight_through: bool = False
+    prior: str = "bernoulli"  # sparsity prior: bernoulli | beta_bernoulli | none
+    prior_weight: float = 1e-4
+    budget_weight: float = 5.0
+    encoder_dim: int = 128
+    encoder_heads: int = 4
+    encoder_inducing: int = 16
+    generator_hidden: int = 128
+    val_every: int = 50
+    val_tasks: int = 20
+    val_classes: int = 8  # reference classes held out from meta-training for meta-validation
+    checkpoint_every: int = 50
+    keep_last: int = 3
+    seed: int = 0
+
+
+@dataclass
+class PruneConfig:
+    budget: float = 0.25  # target fraction of the dense network's MACs
+    adapt_steps: int = 0
+    adapt_lr: float = 1e-2
+    samples_per_class: int = 10  # images per class the set encoder reads
+    round_to: int = 1
+    seed: int = 0
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    train_per_class: int = 0  # 0 = every training image; >0 = data-scarce regime
+    seed: int = 0
+    augment: bool = True
+
+
+@dataclass
+class RuntimeConfig:
+    backend: str = "local"  # local | ray
+    address: Optional[str] = None  # existing Ray cluster; None starts a local one
+    host: str = "127.0.0.1"
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    sampler_actors: int = 2
+    prefetch: int = 4
+    zero_stage: int = 0
+    precision: str = "fp32"  # fp32 | bf16
+    max_failures: int = 2
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class TrackingConfig:
+    wandb_mode: str = "offline"  # offline | online | disabled
+    project: str = "stamp_dist"
+    dir: str = "runs/demo/wandb"
+    name: Optional[str] = None
+
+
+@dataclass
+class StampConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+CHOICES: dict[str, Sequence[Any]] = {
+    "model.backbone": BACKBONES,
+    "meta.prior": ("bernoulli", "beta_bernoulli", "none"),
+    "runtime.backend": ("local", "ray"),
+    "runtime.precision": ("fp32", "bf16"),
+    "runtime.zero_stage": (0, 1, 2, 3),
+    "runtime.device": ("auto", "cpu", "cuda"),
+    "tracking.wandb_mode": ("offline", "online", "disabled"),
+}
+
+RANGES: dict[str, tuple[float, float]] = {
+    "prune.budget": (0.0, 1.0),
+    "meta.budget_min": (0.0, 1.0),
+    "meta.budget_max": (0.0, 1.0),
+}
+
+
+def _valid_keys(key: str) -> str:
+    """The keys of the section that ``key`` points into, for error messages."""
+    parent = key.rpartition(".")[0]
+    node = OmegaConf.structured(StampConfig)
+    section = OmegaConf.select(node, parent) if parent else node
+    return ", ".join(section.keys()) if isinstance(section, DictConfig) else ", ".join(node.keys())
+
+
+def _explain(e: OmegaConfBaseException, source: str) -> StampError:
+    key = getattr(e, "full_key", None) or ""
+    if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
+        return StampError(f"{source}: unknown config key '{key}'. Valid keys here: {_valid_keys(key)}")
+    if isinstance(e, ValidationError):
+        msg = str(e).splitlines()[0]
+        return StampError(f"{source}: bad value for '{key}': {msg}")
+    return StampError(f"{source}: {str(e).splitlines()[0]}")
+
+
+def validate(cfg: StampConfig | DictConfig) -> None:
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise StampError(f"config key '{key}' is {value!r}; valid choices: {', '.join(map(str, choices))}")
+    for key, (lo, hi) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if not lo < value <= hi:
+            raise StampError(f"config key '{key}' is {value}; it must be in ({lo}, {hi}]")
+    if cfg.meta.budget_min > cfg.meta.budget_max:
+        raise StampError("config: meta.budget_min must not exceed meta.budget_max")
+    if not 2 <= cfg.meta.n_way_min <= cfg.meta.n_way_max:
+        raise StampError("config: need 2 <= meta.n_way_min <= meta.n_way_max")
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> StampConfig:
+    """Defaults ← YAML file ← ``key=value`` overrides, validated. Returns a typed (structured) config."""
+    cfg = OmegaConf.structured(StampConfig)
+    source = "defaults"
+    try:
+        if path is not None:
+            path = Path(path)
+            source = str(path)
+            if not path.is_file():
+                raise StampError(f"config file not found: {path}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        for item in overrides:
+            source = f"override '{item}'"
+            if "=" not in item:
+                raise StampError(f"override '{item}' is not of the form key=value (e.g. meta.steps=100)")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        source = "config"
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise _explain(e, source) from None
+    validate(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def to_dict(cfg: StampConfig | DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

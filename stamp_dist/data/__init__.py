@@ -1,0 +1,1 @@
+"""Per-class WebDataset shards: format, converters, readers, episode sampling, demo data."""

@@ -1,0 +1,1 @@
+"""Backbones, the set encoder and the mask generator."""
