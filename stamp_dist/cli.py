@@ -38,22 +38,56 @@ def _cmd_data_info(args: argparse.Namespace) -> None:
 
 
 def _cmd_data_demo(args: argparse.Namespace) -> None:
+    cfg = _config(args)
     from .data.demo import make_demo_data
 
-    cfg = _config(args)
     make_demo_data(args.out, cfg.data)
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:
+    cfg = _config(args)
     from .pretrain import pretrain
 
-    pretrain(_config(args))
+    pretrain(cfg)
+
+
+def _cmd_meta_train(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from .meta.trainer import meta_train
+
+    print(f"generators: {meta_train(cfg)}")
+
+
+def _cmd_prune(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from .downstream import prune
+
+    p = cfg.prune
+    report = prune(args.generator, args.data, args.budget if args.budget is not None else p.budget, args.out,
+                   adapt_steps=args.adapt_steps if args.adapt_steps is not None else p.adapt_steps,
+                   adapt_lr=p.adapt_lr, samples_per_class=p.samples_per_class, round_to=p.round_to, seed=p.seed,
+                   device=cfg.runtime.device)
+    print(f"pruned model → {args.out}: MACs {report['macs_ratio']:.3f} of dense, params {report['params_ratio']:.3f}, "
+          f"latency (batch 64) {report['latency_ms_b64']:.1f} ms vs dense {report['dense_latency_ms_b64']:.1f} ms, "
+          f"made in {report['seconds_to_prune']:.2f} s")
+
+
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from .finetune import finetune
+
+    f = cfg.finetune
+    result = finetune(args.model, args.data, args.out, args.epochs if args.epochs is not None else f.epochs, f,
+                      device=cfg.runtime.device)
+    print(f"fine-tuned model → {args.out}: top-1 {result['top1']:.4f} on the test split "
+          f"({result['train_images']} training images, {result['seconds']:.1f} s)")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
+    cfg = _config(args)
     from .demo import run_demo
 
-    run_demo(_config(args))
+    run_demo(cfg)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,12 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output dataset directory (must not exist)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to N×N (default: keep the source size)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per tar shard (default 1000)")
-    p = command("demo", _cmd_data_demo, "write the built-in demo datasets (synthetic reference + digits targets)", dsub)
+    p = command("demo", _cmd_data_demo, "write the built-in demo datasets (synthetic reference + digits targets)",
+                dsub, config=False)
     p.add_argument("out", help="output directory")
+    _add_config_args(p)
     p = command("info", _cmd_data_info, "print classes, counts, shards and image size of a dataset", dsub, config=False)
     p.add_argument("dir", help="dataset directory (holds manifest.json)")
 
     command("pretrain", _cmd_pretrain, "train a backbone on the reference dataset (resumes from pretrain.out)")
+    command("meta-train", _cmd_meta_train, "meta-train the set encoder + mask generator (resumes from meta.out)")
+    p = command("prune", _cmd_prune, "prune the backbone for a target dataset with a meta-trained generator")
+    p.add_argument("--generator", required=True, help="generator artifact directory, or a meta-train run (uses best)")
+    p.add_argument("--data", required=True, help="target dataset directory (per-class shards)")
+    p.add_argument("--budget", type=float, help="fraction of dense MACs to keep, in (0, 1] (default prune.budget)")
+    p.add_argument("--out", required=True, help="output directory for the pruned model (must not exist)")
+    p.add_argument("--adapt-steps", type=int, help="generator adaptation steps on the target (default prune.adapt_steps)")
+    p = command("finetune", _cmd_finetune, "fine-tune a pruned model on its target and report top-1")
+    p.add_argument("--model", required=True, help="pruned model directory (written by `stamp prune`)")
+    p.add_argument("--data", required=True, help="target dataset directory")
+    p.add_argument("--epochs", type=int, help="epochs (default finetune.epochs)")
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
     return parser
 
 

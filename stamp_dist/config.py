@@ -17,6 +17,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from .errors import StampError
 
+METHODS = ("dense", "random", "stamp")
 BACKBONES = ("convnet", "resnet20", "resnet56", "resnet18", "resnet50", "vgg19_bn")
 
 
@@ -132,6 +133,19 @@ class TrackingConfig:
 
 
 @dataclass
+class BenchConfig:
+    """Which targets, methods, budgets and seeds the demo (and `stamp bench`) compare."""
+
+    out: str = "runs/demo/results"
+    targets: list[str] = field(default_factory=lambda: ["${data.root}/targets/digits",
+                                                        "${data.root}/targets/synthetic_heldout"])
+    methods: list[str] = field(default_factory=lambda: ["dense", "random", "stamp"])
+    budgets: list[float] = field(default_factory=lambda: [0.25])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    train_per_class: int = 10  # images per class to prune and fine-tune on (data-scarce regime)
+
+
+@dataclass
 class StampConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -142,6 +156,7 @@ class StampConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 CHOICES: dict[str, Sequence[Any]] = {
@@ -188,6 +203,12 @@ def validate(cfg: StampConfig | DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not lo < value <= hi:
             raise StampError(f"config key '{key}' is {value}; it must be in ({lo}, {hi}]")
+    for method in cfg.bench.methods:
+        if method not in METHODS:
+            raise StampError(f"config key 'bench.methods' has {method!r}; valid choices: {', '.join(METHODS)}")
+    for budget in cfg.bench.budgets:
+        if not 0 < budget <= 1:
+            raise StampError(f"config key 'bench.budgets' has {budget}; budgets must be in (0, 1]")
     if cfg.meta.budget_min > cfg.meta.budget_max:
         raise StampError("config: meta.budget_min must not exceed meta.budget_max")
     if not 2 <= cfg.meta.n_way_min <= cfg.meta.n_way_max:

@@ -74,13 +74,39 @@ class Manifest:
         try:
             splits = {name: SplitInfo(**s) for name, s in raw["splits"].items()}
             m = cls(**{**raw, "splits": splits})
-        except (KeyError, TypeError, AttributeError) as e:
+        except KeyError as e:
+            raise StampError(f"{path} is malformed: no {e} field; regenerate it with `stamp data convert`") from None
+        except (TypeError, AttributeError) as e:
             raise StampError(f"{path} is malformed ({e}); regenerate it with `stamp data convert`") from None
-        n = len(m.classes)
-        for name, s in m.splits.items():
-            if len(s.counts) != n or len(s.shards) != n:
-                raise StampError(
-                    f"{path} is malformed: split '{name}' lists {len(s.counts)} counts and "
-                    f"{len(s.shards)} shard lists for {n} classes"
-                )
+        m._validate(path)
         return m
+
+    def _validate(self, path: Path) -> None:
+        """Catch hand-edited or foreign manifests here rather than deep inside a reader."""
+
+        def bad(problem: str) -> StampError:
+            return StampError(f"{path} is malformed: {problem}; regenerate it with `stamp data convert`")
+
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if not isinstance(self.classes, list) or not self.classes or not all(isinstance(c, str) for c in self.classes):
+            raise bad("'classes' must be a non-empty list of names")
+        if not is_int(self.image_size) or self.image_size < 1:
+            raise bad(f"'image_size' is {self.image_size!r}, expected a positive integer")
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            if not isinstance(v, list) or len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):
+                raise bad(f"'{key}' must be 3 numbers")
+        if min(self.std) <= 0:
+            raise bad("'std' must be positive")
+        if not self.splits:
+            raise bad("'splits' is empty")
+        n = len(self.classes)
+        for name, s in self.splits.items():
+            if not (isinstance(s.counts, list) and isinstance(s.shards, list) and len(s.counts) == len(s.shards) == n):
+                raise bad(f"split '{name}' must list counts and shard lists for each of the {n} classes")
+            if not all(is_int(c) and c >= 0 for c in s.counts):
+                raise bad(f"split '{name}' has counts that are not non-negative integers")
+            if not all(isinstance(sh, list) and all(isinstance(p, str) for p in sh) for sh in s.shards):
+                raise bad(f"split '{name}' has shard lists that are not lists of paths")

@@ -1,0 +1,129 @@
+"""Episode (task) sampling from per-class shards.
+
+A task is N classes drawn from a pool of class ids, with K support and Q query images per class
+and a MACs budget ``b``. ``ClassPool`` is the per-class bounded image buffer that the single-process
+trainer uses directly and that the distributed sampler actors wrap: it reads a class's shards only
+when the class is first asked for, keeps at most ``buffer_size`` images per class, and reloads a
+fresh random subset once a class has served its buffer ``reuse`` times over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import StampError
+from .manifest import Manifest
+from .readers import iter_class
+
+
+@dataclass
+class Episode:
+    support_x: torch.Tensor  # uint8 [N*K, 3, H, W], grouped by class
+    support_y: torch.Tensor  # long [N*K], task-local labels 0..N-1
+    query_x: torch.Tensor  # uint8 [N*Q, 3, H, W]
+    query_y: torch.Tensor
+    classes: list[int]  # reference class ids, in task-label order
+    budget: float
+
+    @property
+    def n_way(self) -> int:
+        return len(self.classes)
+
+
+class ClassPool:
+    """Bounded per-class image buffers over one split of a per-class shard dataset."""
+
+    def __init__(self, root: str | Path, split: str = "train", buffer_size: int = 512, reuse: int = 4,
+                 seed: int = 0, manifest: Manifest | None = None):
+        self.root = Path(root)
+        self.manifest = manifest or Manifest.load(root)
+        self.split = split
+        self.buffer_size = buffer_size
+        self.reuse = reuse
+        self.rng = np.random.default_rng(seed)
+        self._buffers: dict[int, torch.Tensor] = {}
+        self._served: dict[int, int] = {}
+
+    def _fill(self, label: int) -> torch.Tensor:
+        count = self.manifest.split(self.split).counts[label]
+        keep = min(count, self.buffer_size)
+        # Reservoir-free subset choice: pick indices first, then stream the shards once.
+        chosen = set(self.rng.choice(count, size=keep, replace=False).tolist()) if keep < count else None
+        images = [arr for i, arr in enumerate(iter_class(self.root, self.manifest, self.split, label))
+                  if chosen is None or i in chosen]
+        buf = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        self._buffers[label], self._served[label] = buf, 0
+        return buf
+
+    def get(self, label: int, n: int) -> torch.Tensor:
+        """``n`` distinct images of class ``label`` (uint8 ``[n, 3, H, W]``), drawn at random."""
+        count = self.manifest.split(self.split).counts[label]
+        if n > count:
+            raise StampError(
+                f"class '{self.manifest.classes[label]}' has {count} '{self.split}' images in {self.root}; "
+                f"an episode needs {n} (k_shot + q_query): lower them"
+            )
+        buf = self._buffers.get(label)
+        if buf is None or len(buf) < n or self._served[label] >= self.reuse * len(buf):
+            buf = self._fill(label)
+        self._served[label] += n
+        idx = torch.from_numpy(self.rng.choice(len(buf), size=n, replace=False))
+        return buf[idx]
+
+    def rng_state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def set_rng_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+
+def split_classes(num_classes: int, val_classes: int, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic split of reference classes into meta-train and held-out meta-validation ids."""
+    if not 0 <= val_classes <= num_classes - 2:
+        raise StampError(f"meta.val_classes={val_classes} leaves fewer than 2 of {num_classes} classes to meta-train on")
+    perm = np.random.default_rng(seed).permutation(num_classes).tolist()
+    return sorted(perm[val_classes:]), sorted(perm[:val_classes])
+
+
+def sample_task(rng: np.random.Generator, classes: list[int], n_way_min: int, n_way_max: int,
+                budget_min: float, budget_max: float) -> tuple[list[int], float]:
+    """Which classes and which budget a task uses (cheap; decided before any image is read)."""
+    n_max = min(n_way_max, len(classes))
+    if n_max < 2:
+        raise StampError(f"need at least 2 classes to build a task, have {len(classes)}")
+    n = int(rng.integers(min(n_way_min, n_max), n_max + 1))
+    chosen = sorted(rng.choice(classes, size=n, replace=False).tolist())
+    budget = float(rng.uniform(budget_min, budget_max))
+    return chosen, budget
+
+
+def build_episode(images_per_class: list[torch.Tensor], classes: list[int], k_shot: int, budget: float) -> Episode:
+    """Split each class's ``k_shot + q`` images into support and query sets."""
+    sx, sy, qx, qy = [], [], [], []
+    for i, x in enumerate(images_per_class):
+        sx.append(x[:k_shot])
+        qx.append(x[k_shot:])
+        sy.append(torch.full((k_shot,), i, dtype=torch.long))
+        qy.append(torch.full((len(x) - k_shot,), i, dtype=torch.long))
+    return Episode(torch.cat(sx), torch.cat(sy), torch.cat(qx), torch.cat(qy), list(classes), budget)
+
+
+class EpisodeSampler:
+    """Draws tasks from a ``ClassPool`` restricted to ``classes`` (meta-train or meta-val ids)."""
+
+    def __init__(self, pool: ClassPool, classes: list[int], n_way_min: int, n_way_max: int, k_shot: int,
+                 q_query: int, budget_min: float, budget_max: float, seed: int = 0):
+        self.pool, self.classes = pool, list(classes)
+        self.n_way = (n_way_min, n_way_max)
+        self.k_shot, self.q_query = k_shot, q_query
+        self.budget = (budget_min, budget_max)
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self) -> Episode:
+        chosen, budget = sample_task(self.rng, self.classes, *self.n_way, *self.budget)
+        images = [self.pool.get(c, self.k_shot + self.q_query) for c in chosen]
+        return build_episode(images, chosen, self.k_shot, budget)

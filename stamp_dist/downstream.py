@@ -1,0 +1,148 @@
+"""Downstream pruning: a generator artifact + a target dataset → a physically smaller network.
+
+encode a sample set of the target → (optional) adapt the generator for a few steps on the target →
+keep probabilities → hard mask meeting the MACs budget → channel surgery → a new N-way head
+initialised from class prototypes → ``model.safetensors`` + ``spec.json`` (+ cost/latency report).
+Baselines reuse ``save_pruned_for_target`` with their own masks, so every method shares one path.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data.episodes import build_episode
+from .data.manifest import Manifest
+from .data.readers import Normalization, load_split
+from .errors import StampError
+from .measure import count_macs_params, latency_ms
+from .meta.artifact import Generator, load_generator
+from .meta.objective import class_features, episode_loss, hard_masks, prototype_head
+from .models.backbones import Backbone
+from .pruning.groups import ChannelGroups
+from .pruning.hardmask import check_budget
+from .pruning.spec import PruningSpec, save_pruned
+from .pruning.surgery import prune_model
+
+
+@dataclass
+class Target:
+    """A labelled sample of the target dataset, checked against the backbone's input format."""
+
+    x: torch.Tensor  # uint8 [N*K, 3, H, W], grouped by class
+    y: torch.Tensor
+    manifest: Manifest
+    path: Path
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest.num_classes
+
+
+def load_target(data: str | Path, samples_per_class: int, backbone_meta: dict, split: str = "train") -> Target:
+    manifest = Manifest.load(data)
+    if manifest.num_classes < 2:
+        raise StampError(f"target {data} has {manifest.num_classes} class; pruning for a task needs at least 2")
+    size = backbone_meta["image_size"]
+    if manifest.image_size != size or manifest.channels != 3:
+        raise StampError(
+            f"target {data} holds {manifest.channels}×{manifest.image_size}×{manifest.image_size} images but the "
+            f"backbone takes 3×{size}×{size}: convert it with `stamp data convert ... --image-size {size}`"
+        )
+    x, y, _ = load_split(data, split, per_class=samples_per_class)
+    if x.shape[1:] != (3, size, size):
+        raise StampError(f"target {data}: images decode to {tuple(x.shape[1:])}, expected (3, {size}, {size}); "
+                         "the shards do not match their manifest — re-create them")
+    return Target(x, y, manifest, Path(data))
+
+
+def adapt_generator(gen: Generator, target: Target, budget: float, steps: int, lr: float, seed: int):
+    """A few gradient steps of the generator (a copy) on episodes built from the target sample:
+    each step splits every class's images into support and query halves at random."""
+    stamp = copy.deepcopy(gen.stamp).train()
+    opt = torch.optim.Adam(stamp.parameters(), lr=lr)
+    rng = torch.Generator().manual_seed(seed)
+    per_class = target.x.view(target.num_classes, -1, *target.x.shape[1:])
+    k = per_class.shape[1] // 2
+    if k < 1:
+        raise StampError("adaptation needs at least 2 images per class (samples_per_class >= 2)")
+    norm = Normalization.of(gen.backbone_meta)
+    for _ in range(steps):
+        images = [c[torch.randperm(len(c), generator=rng)] for c in per_class]
+        episode = build_episode(images, list(range(target.num_classes)), k, budget)
+        out = episode_loss(gen.backbone, stamp, gen.groups, gen.cost, episode, norm, stamp_cfg(gen), rng)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    return stamp.eval()
+
+
+def stamp_cfg(gen: Generator):
+    from .config import MetaConfig
+
+    return MetaConfig(**gen.info["meta"])
+
+
+@torch.no_grad()
+def build_pruned(backbone: Backbone, backbone_meta: dict, groups: ChannelGroups, masks: list[torch.Tensor],
+                 target: Target) -> torch.nn.Module:
+    """Physically remove the unmasked channels and attach an N-way head initialised from the
+    class prototypes of the pruned network's features on the target sample."""
+    pruned = prune_model(backbone, groups, masks)
+    feats = pruned.eval().forward_features(Normalization.of(backbone_meta)(target.x))
+    head = prototype_head(feats, target.y, target.num_classes)
+    pruned.fc = torch.nn.Linear(feats.shape[1], target.num_classes)
+    pruned.fc.weight.copy_(head["fc.weight"])
+    pruned.fc.bias.copy_(head["fc.bias"])
+    return pruned
+
+
+def save_pruned_for_target(out: str | Path, backbone: Backbone, backbone_meta: dict, groups: ChannelGroups,
+                           masks: list[torch.Tensor], target: Target, method: str, budget: float,
+                           seconds_to_masks: float, extra: dict | None = None) -> dict:
+    """Surgery + head + report + atomic save; returns the report (also stored in the spec)."""
+    t = time.perf_counter()
+    pruned = build_pruned(backbone, backbone_meta, groups, masks, target)
+    seconds = seconds_to_masks + time.perf_counter() - t
+    size = backbone_meta["image_size"]
+    dense_macs, dense_params = count_macs_params(backbone, (3, size, size))
+    macs, params = count_macs_params(pruned, (3, size, size))
+    report = {
+        "method": method, "budget": budget, "target": str(target.path), "classes": target.manifest.classes,
+        "macs": macs, "params": params, "dense_macs": dense_macs, "dense_params": dense_params,
+        "macs_ratio": macs / dense_macs, "params_ratio": params / dense_params,
+        "seconds_to_prune": seconds,
+        "latency_ms_b64": latency_ms(pruned, (3, size, size), 64),
+        "dense_latency_ms_b64": latency_ms(backbone, (3, size, size), 64),
+        **(extra or {}),
+    }
+    spec = PruningSpec.from_masks(backbone_meta, groups, masks, num_classes=target.num_classes, report=report)
+    save_pruned(out, pruned, spec)
+    return report
+
+
+def prune(generator: str | Path, data: str | Path, budget: float, out: str | Path, adapt_steps: int = 0,
+          adapt_lr: float = 1e-2, samples_per_class: int = 10, round_to: int = 1, seed: int = 0,
+          device: str = "cpu") -> dict:
+    """Prune the generator's backbone for the target dataset ``data``; write the pruned model to ``out``.
+
+    Returns the report (MACs, params, latency, seconds to produce the model).
+    """
+    check_budget(budget)
+    if Path(out).exists():
+        raise StampError(f"output directory {out} already exists; choose another path or remove it")
+    t0 = time.perf_counter()
+    gen = load_generator(generator, device)
+    target = load_target(data, samples_per_class, gen.backbone_meta)
+    target.x, target.y = target.x.to(device), target.y.to(device)
+    stamp = adapt_generator(gen, target, budget, adapt_steps, adapt_lr, seed) if adapt_steps else gen.stamp
+    with torch.no_grad():
+        feats = class_features(gen.backbone, Normalization.of(gen.backbone_meta)(target.x), target.num_classes)
+    masks = hard_masks(stamp, gen.cost, feats, budget, round_to)
+    seconds = time.perf_counter() - t0
+    return save_pruned_for_target(out, gen.backbone, gen.backbone_meta, gen.groups, masks, target, "stamp", budget,
+                                  seconds, {"generator": str(gen.path), "adapt_steps": adapt_steps})

@@ -1,0 +1,48 @@
+"""Fine-tune a pruned model on its target: the same plain loop as pretraining (``training.fit``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .config import FinetuneConfig
+from .data.readers import Normalization, load_split
+from .errors import StampError
+from .pruning.spec import load_pruned, save_pruned
+from .training import evaluate, fit, pick_device
+
+
+def finetune_model(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
+                   evaluation: tuple[torch.Tensor, torch.Tensor], norm: Normalization, cfg: FinetuneConfig,
+                   seed: int, device: torch.device, epochs: int | None = None) -> dict:
+    """Train ``model`` in place on ``train`` and score top-1 on ``evaluation`` before and after."""
+    epochs = cfg.epochs if epochs is None else epochs
+    before = evaluate(model, *evaluation, norm, 2 * cfg.batch_size, device)
+    t = time.perf_counter()
+    history = fit(model, (*train, norm), None, epochs, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size,
+                  seed, device, augment=cfg.augment, desc="fine-tune")
+    seconds = time.perf_counter() - t
+    top1 = evaluate(model, *evaluation, norm, 2 * cfg.batch_size, device)
+    return {"top1": top1, "top1_before": before, "seconds": seconds, "epochs": epochs,
+            "train_images": len(train[1]), "eval_images": len(evaluation[1]), "history": history}
+
+
+def finetune(model_dir: str | Path, data: str | Path, out: str | Path, epochs: int, cfg: FinetuneConfig,
+             device: str = "auto") -> dict:
+    """`stamp finetune`: train on the target's train split (``cfg.train_per_class`` images per class,
+    0 = all), score on its test split, and write the fine-tuned model with the result in its spec."""
+    if Path(out).exists():
+        raise StampError(f"output directory {out} already exists; choose another path or remove it")
+    dev = pick_device(device)
+    model, spec = load_pruned(model_dir, dev)
+    x, y, manifest = load_split(data, "train", per_class=cfg.train_per_class or None)
+    if manifest.num_classes != spec.num_classes:
+        raise StampError(f"{model_dir} was pruned for {spec.num_classes} classes but {data} has "
+                         f"{manifest.num_classes}; prune for this target first (`stamp prune --data {data}`)")
+    tx, ty, _ = load_split(data, "test")
+    result = finetune_model(model, (x, y), (tx, ty), Normalization(spec.mean, spec.std), cfg, cfg.seed, dev, epochs)
+    spec.report["finetune"] = {k: v for k, v in result.items() if k != "history"} | {"data": str(data)}
+    save_pruned(out, model, spec)
+    return result

@@ -1,0 +1,1 @@
+"""Episodic meta-learning of the set encoder and mask generator (single process)."""

@@ -1,0 +1,141 @@
+"""One STAMP episode: encode the support set, generate a mask, adapt a head, score the query set.
+
+Outer loss = CE(query | adapted head, masked backbone) + β·prior + λ·(E[MACs ratio] − b)².
+Gradients reach the set encoder and the generator through the relaxed mask samples ``z`` (which
+gate the backbone's channels) and through the expected MACs ratio (which depends on ``p``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ..config import MetaConfig
+from ..data.episodes import Episode
+from ..data.readers import Normalization
+from ..models.backbones import Backbone
+from ..models.generator import MaskGenerator, budget_penalty, hard_concrete_sample, keep_probability, prior_kl
+from ..models.set_encoder import SetEncoder
+from ..pruning.groups import ChannelGroups
+from ..pruning.hardmask import budget_mask
+from ..pruning.macs import CostModel
+from ..pruning.masking import masked
+
+
+class Stamp(nn.Module):
+    """The meta-learned part: set encoder E_φ and mask generator G_ψ (the backbone stays outside)."""
+
+    def __init__(self, feature_dim: int, group_sizes: list[int], cfg: MetaConfig):
+        super().__init__()
+        self.encoder = SetEncoder(feature_dim, cfg.encoder_dim, cfg.encoder_heads, cfg.encoder_inducing)
+        self.generator = MaskGenerator(group_sizes, cfg.encoder_dim, cfg.generator_hidden)
+
+    def forward(self, class_features: torch.Tensor, budget: float) -> list[torch.Tensor]:
+        """Per-class features ``[N, K, D]`` and a MACs budget → per-group keep-logits."""
+        return self.generator(self.encoder(class_features), budget)
+
+
+@dataclass
+class EpisodeOutput:
+    loss: torch.Tensor
+    ce: torch.Tensor
+    prior: torch.Tensor
+    budget_term: torch.Tensor
+    accuracy: torch.Tensor
+    expected_ratio: torch.Tensor
+
+
+def class_features(backbone: Backbone, x: torch.Tensor, n_way: int) -> torch.Tensor:
+    """Dense backbone features of a class-grouped support set, shaped ``[N, K, D]`` for the encoder."""
+    feats = backbone.forward_features(x)
+    return feats.view(n_way, -1, feats.shape[-1])
+
+
+def prototype_head(feats: torch.Tensor, y: torch.Tensor, n_way: int) -> dict[str, torch.Tensor]:
+    """Linear head equal to a nearest-prototype classifier: w_c = 2μ_c, b_c = −‖μ_c‖²."""
+    protos = torch.zeros(n_way, feats.shape[1], dtype=feats.dtype, device=feats.device).index_add_(0, y, feats)
+    protos = protos / torch.bincount(y, minlength=n_way).unsqueeze(1).to(feats.dtype)
+    return {"fc.weight": 2 * protos, "fc.bias": -(protos**2).sum(1)}
+
+
+def inner_loop(params: dict[str, torch.Tensor], loss_fn, steps: int, lr: float, first_order: bool):
+    """``steps`` plain SGD steps on a params dict, functionally (no module state is changed).
+
+    First-order drops the second-order terms: the update direction is treated as a constant, but the
+    adapted params still depend on their (mask-dependent) initial values. Params that carry no graph
+    (a frozen backbone, or meta-validation) are adapted as fresh leaves.
+    """
+    params = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
+    with torch.enable_grad():
+        for _ in range(steps):
+            # retain_graph: the outer loss later backpropagates through the same masked forward.
+            grads = torch.autograd.grad(loss_fn(params), list(params.values()), create_graph=not first_order,
+                                        retain_graph=True)
+            params = {k: v - lr * g for (k, v), g in zip(params.items(), grads)}
+    return params
+
+
+def adapted_logits(backbone: Backbone, groups: ChannelGroups, masks: list[torch.Tensor], sx: torch.Tensor,
+                   sy: torch.Tensor, qx: torch.Tensor, n_way: int, cfg: MetaConfig) -> torch.Tensor:
+    """Masked backbone → prototype-initialised head → ``inner_steps`` on the support set → query logits."""
+    def head_loss(p):
+        return F.cross_entropy(F.linear(fs, p["fc.weight"], p["fc.bias"]), sy)
+
+    with masked(backbone, groups, masks):
+        fs = backbone.forward_features(sx)
+        head = prototype_head(fs, sy, n_way)
+        if not cfg.adapt_backbone:
+            # Head-only adaptation: masked features stay fixed across inner steps, so compute them once.
+            head = inner_loop(head, head_loss, cfg.inner_steps, cfg.inner_lr, cfg.first_order)
+            return F.linear(backbone.forward_features(qx), head["fc.weight"], head["fc.bias"])
+        # Backbone adaptation: the N-way head stands in for ``fc`` and every step re-runs the network.
+        params = {k: v for k, v in backbone.named_parameters() if not k.startswith("fc.")}
+        params = inner_loop({**params, **head}, lambda p: F.cross_entropy(functional_call(backbone, p, (sx,)), sy),
+                            cfg.inner_steps, cfg.inner_lr, cfg.first_order)
+        return functional_call(backbone, params, (qx,))
+
+
+def _episode_tensors(episode: Episode, norm: Normalization, device: torch.device):
+    return (norm(episode.support_x.to(device)), episode.support_y.to(device),
+            norm(episode.query_x.to(device)), episode.query_y.to(device))
+
+
+def episode_loss(backbone: Backbone, stamp: Stamp, groups: ChannelGroups, cost: CostModel, episode: Episode,
+                 norm: Normalization, cfg: MetaConfig, generator: torch.Generator | None = None) -> EpisodeOutput:
+    """The outer (meta) loss of one episode, with relaxed masks sampled from the generator."""
+    sx, sy, qx, qy = _episode_tensors(episode, norm, next(stamp.parameters()).device)
+    with torch.set_grad_enabled(cfg.learn_backbone):
+        feats = class_features(backbone, sx, episode.n_way)
+    logits = stamp(feats, episode.budget)
+    z = [hard_concrete_sample(a, cfg.tau, generator=generator, straight_through=cfg.straight_through) for a in logits]
+    ratio = cost.macs([keep_probability(a) for a in logits]) / cost.dense_macs
+    out = adapted_logits(backbone, groups, z, sx, sy, qx, episode.n_way, cfg)
+    ce = F.cross_entropy(out, qy)
+    prior = prior_kl(logits, cfg.prior)
+    budget_term = budget_penalty(ratio, episode.budget)
+    loss = ce + cfg.prior_weight * prior + cfg.budget_weight * budget_term
+    accuracy = (out.argmax(1) == qy).float().mean()
+    return EpisodeOutput(loss, ce.detach(), prior.detach(), budget_term.detach(), accuracy.detach(), ratio.detach())
+
+
+@torch.no_grad()
+def hard_masks(stamp: Stamp, cost: CostModel, feats: torch.Tensor, budget: float, round_to: int = 1):
+    """Deterministic hard masks meeting ``budget`` from the generator's keep probabilities."""
+    probs = [keep_probability(a) for a in stamp(feats, budget)]
+    return budget_mask(probs, cost, budget, round_to)
+
+
+def validate_episode(backbone: Backbone, stamp: Stamp, groups: ChannelGroups, cost: CostModel, episode: Episode,
+                     norm: Normalization, cfg: MetaConfig) -> tuple[float, float]:
+    """Meta-validation score: query accuracy with the HARD mask at the task's budget after the
+    inner steps; returns ``(accuracy, achieved MACs ratio)``."""
+    sx, sy, qx, qy = _episode_tensors(episode, norm, next(stamp.parameters()).device)
+    with torch.no_grad():
+        masks = [m.float() for m in hard_masks(stamp, cost, class_features(backbone, sx, episode.n_way), episode.budget)]
+    out = adapted_logits(backbone, groups, masks, sx, sy, qx, episode.n_way, cfg).detach()
+    ratio = float(cost.macs(masks) / cost.dense_macs)
+    return float((out.argmax(1) == qy).float().mean()), ratio

@@ -1,0 +1,111 @@
+"""Pretrain the backbone on the reference dataset (``stamp pretrain``).
+
+Output, in ``pretrain.out``::
+
+    backbone.safetensors   the trained state dict
+    backbone.json          what ``load_backbone`` needs to rebuild it, plus metrics and the run's settings
+    checkpoint/            state after the last finished epoch; a re-run resumes from it
+
+A re-run with the same settings returns the finished artifact at once; with more epochs it resumes
+from the checkpoint and extends the run. Other changed settings are an error (never a silent retrain).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_file, read_json, write_json
+from .config import to_dict
+from .data.manifest import MANIFEST
+from .data.readers import Normalization, load_split
+from .errors import StampError
+from .models.backbones import Backbone, build_backbone
+from .training import fit, pick_device
+
+WEIGHTS, META = "backbone.safetensors", "backbone.json"
+
+
+def _run_key(cfg) -> dict:
+    """Settings that determine the trained weights, except ``epochs`` (a run may be extended)."""
+    manifest = Path(cfg.data.reference) / MANIFEST
+    if not manifest.is_file():
+        raise StampError(f"reference dataset {cfg.data.reference} not found (no {MANIFEST}); "
+                         "create it with `stamp data demo` or `stamp data convert`")
+    p = to_dict(cfg.pretrain)
+    return {"backbone": cfg.model.backbone, "width": cfg.model.width,
+            "reference_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+            **{k: p[k] for k in ("batch_size", "lr", "momentum", "weight_decay", "seed", "augment")}}
+
+
+def _differences(a: dict, b: dict) -> str:
+    return ", ".join(sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)))
+
+
+def pretrain(cfg) -> Path:
+    """Train (or resume, or reuse) the backbone of ``cfg.model`` on ``cfg.data.reference``; returns ``pretrain.out``."""
+    out, pc = Path(cfg.pretrain.out), cfg.pretrain
+    key = _run_key(cfg)
+    if (out / META).is_file():
+        done = read_json(out / META, "backbone record")
+        if done.get("run") != key:
+            raise StampError(f"{out} holds a backbone pretrained with other settings "
+                             f"({_differences(done.get('run') or {}, key)}); remove it or set pretrain.out elsewhere")
+        if done["epochs"] == pc.epochs and (out / WEIGHTS).is_file():
+            print(f"pretrained backbone in {out} is up to date (held-out top-1 {done['test_top1']:.4f}); reusing it")
+            return out
+
+    t0 = time.perf_counter()
+    if pc.num_threads > 0:
+        torch.set_num_threads(pc.num_threads)
+    device = pick_device(cfg.runtime.device)
+    x, y, manifest = load_split(cfg.data.reference, "train")
+    tx, ty, _ = load_split(cfg.data.reference, "test")
+    norm = Normalization.of(manifest)
+    train, test = (x, y, norm), (tx, ty, norm)
+    torch.manual_seed(pc.seed)  # the initial weights
+    model = build_backbone(cfg.model.backbone, manifest.num_classes, width=cfg.model.width)
+    print(f"pretraining {cfg.model.backbone} on {cfg.data.reference}: {manifest.num_classes} classes, "
+          f"{len(train[1])} train / {len(test[1])} held-out images, {pc.epochs} epochs on {device}")
+
+    history = fit(model, train, test, pc.epochs, pc.lr, pc.momentum, pc.weight_decay, pc.batch_size, pc.seed,
+                  device, augment=pc.augment, checkpoint_dir=out / "checkpoint", checkpoint_meta=key, desc="pretrain")
+
+    top1 = history[-1]["test_top1"]
+    meta = {"backbone": cfg.model.backbone, "width": cfg.model.width, "num_classes": manifest.num_classes,
+            "classes": manifest.classes, "image_size": manifest.image_size, "mean": manifest.mean, "std": manifest.std,
+            "reference": str(cfg.data.reference), "epochs": pc.epochs, "test_top1": top1, "history": history,
+            "seed": pc.seed, "device": str(device), "wall_seconds": round(time.perf_counter() - t0, 1),
+            "train_seconds": round(sum(h["seconds"] for h in history), 1), "run": key}
+    save_backbone(out, model, meta)
+    print(f"pretrained {cfg.model.backbone}: held-out top-1 {top1:.4f} after {pc.epochs} epochs "
+          f"({meta['train_seconds']:.0f} s training) → {out / WEIGHTS}")
+    return out
+
+
+def save_backbone(directory: str | Path, model: Backbone, meta: dict) -> None:
+    """Write ``backbone.safetensors`` + ``backbone.json`` (``meta`` must hold backbone, width, num_classes)."""
+    directory = Path(directory)
+    (directory / META).unlink(missing_ok=True)  # the record goes last: weights without a record are never trusted
+    with atomic_file(directory / WEIGHTS) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    write_json(directory / META, meta)
+
+
+def load_backbone(directory: str | Path) -> tuple[Backbone, dict]:
+    """Rebuild a pretrained backbone from ``backbone.json`` + ``backbone.safetensors`` (strict), in eval mode."""
+    directory = Path(directory)
+    meta = read_json(directory / META, "backbone record")
+    if not (directory / WEIGHTS).is_file():
+        raise StampError(f"{directory / WEIGHTS} is missing; re-run `stamp pretrain`")
+    model = build_backbone(meta["backbone"], meta["num_classes"], width=meta["width"])
+    try:
+        model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=True)
+    except RuntimeError as e:
+        raise StampError(f"{directory / WEIGHTS} does not match {META} ({str(e).splitlines()[0]}); "
+                         "re-run `stamp pretrain`") from None
+    return model.eval(), meta

@@ -1,0 +1,96 @@
+"""Turn keep probabilities into a hard mask that meets a MACs budget.
+
+Greedy rule (DESIGN.md §2.6): repeatedly remove the channel with the lowest keep probability per
+MAC it saves, re-evaluating the savings as counts change (a conv's cost depends on both its in- and
+out-group). Within a group every channel saves the same MACs, so the candidate of each group is just
+its least probable remaining channel and one step costs O(#groups), not O(#channels). After the
+budget is reached, channels are put back where they still fit, so the result lands just below it.
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import StampError
+from .macs import CostModel
+from .masking import check_masks
+
+TOLERANCE = 0.02  # the allowed overshoot of the MACs ratio when the budget cannot be met exactly
+
+
+def check_budget(budget) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, Real) or not 0 < budget <= 1:
+        raise StampError(f"budget must be a MACs ratio in (0, 1] (the fraction of dense MACs to keep), got {budget!r}")
+
+
+def budget_mask(probs: Sequence[torch.Tensor], cost: CostModel, budget: float,
+                round_to: int = 1) -> list[torch.Tensor]:
+    """Hard keep masks (one bool ``[C_g]`` per group) with MACs ratio at most ``budget`` (within
+    ``TOLERANCE`` above it only when one channel per group already costs more), keeping at least one
+    channel per group and, with ``round_to``, a multiple of ``round_to`` channels in every group that
+    has at least ``round_to``."""
+    check_budget(budget)
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise StampError(f"round_to must be a positive integer, got {round_to!r}")
+    check_masks(cost.groups, probs)
+    p = [np.asarray(x.detach().cpu().double().numpy()) for x in probs]
+    if not all(np.isfinite(x).all() for x in p):
+        raise StampError("keep probabilities contain NaN or infinity")
+
+    sizes = np.array(cost.groups.sizes)
+    order = [np.argsort(x, kind="stable") for x in p]  # least probable first; stable → deterministic
+    cum = np.zeros((len(p), sizes.max() + 1))  # cum[g, j]: sum of the j lowest probabilities of g
+    for g, x in enumerate(p):
+        cum[g, 1:sizes[g] + 1] = np.cumsum(x[order[g]])
+    step = np.where(sizes >= round_to, round_to, 1)
+    counts = sizes.astype(np.float64)
+    removed = np.zeros(len(p), dtype=np.int64)
+    form, rows = cost.macs_form, np.arange(len(p))
+    target = budget * cost.dense_macs
+    macs = cost.dense_macs
+
+    def change(chunk: np.ndarray, sign: int) -> np.ndarray:
+        """Exact |ΔMACs| when each group g alone loses (sign=-1) or regains (+1) chunk[g] channels."""
+        grad = form.grad_matrix @ np.append(counts, 1.0)
+        return chunk * grad + sign * chunk**2 * form.self_coef
+
+    while macs > target:
+        rem = counts % step
+        chunk = np.where(rem == 0, step, rem)  # down to the next multiple of round_to
+        saved = change(chunk, -1)
+        ok = (counts - chunk >= step) & (saved > 0)
+        if not ok.any():
+            break
+        score = (cum[rows, removed + chunk.astype(int)] - cum[rows, removed]) / np.where(ok, saved, 1)
+        g = int(np.argmin(np.where(ok, score, np.inf)))
+        removed[g] += int(chunk[g])
+        counts[g] -= chunk[g]
+        macs -= saved[g]
+
+    if macs > target + TOLERANCE * cost.dense_macs:
+        least = "one channel" if round_to == 1 else f"{round_to} channels"
+        raise StampError(f"MACs budget {budget:g} is unreachable: keeping {least} per group already costs "
+                         f"{macs / cost.dense_macs:.3f} of the dense MACs; raise the budget")
+
+    while True:  # put back the most probable removed chunks that still fit under the budget
+        chunk = np.minimum(step, removed)
+        added = change(chunk, +1)
+        ok = (chunk > 0) & (macs + added <= target)
+        if not ok.any():
+            break
+        gain = (cum[rows, removed] - cum[rows, np.maximum(removed - chunk, 0)]) / np.where(ok, added, 1)
+        g = int(np.argmax(np.where(ok, gain, -np.inf)))
+        removed[g] -= int(chunk[g])
+        counts[g] += chunk[g]
+        macs += added[g]
+
+    masks = []
+    for g, x in enumerate(probs):
+        mask = torch.ones(sizes[g], dtype=torch.bool)
+        mask[torch.from_numpy(order[g][:removed[g]])] = False
+        masks.append(mask.to(x.device))
+    return masks

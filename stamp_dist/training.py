@@ -1,0 +1,189 @@
+"""The plain supervised loop shared by pretraining and by fine-tuning pruned models.
+
+Data lives in memory as uint8 ``[N, 3, H, W]`` tensors (``readers.load_split``); each batch is
+augmented as uint8, moved to the device and normalised there. SGD with momentum and a per-step
+cosine learning-rate schedule. All randomness (shuffling, augmentation) comes from one
+``torch.Generator`` seeded from ``seed``, so a run is reproducible on CPU, also across a resume.
+
+Checkpoints (``fit(checkpoint_dir=...)``) hold model, optimizer, scheduler and generator state after
+each finished epoch (``stamp_dist.checkpoint``: safetensors + JSON, no pickle).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import load_state, save_state
+from .data.readers import Normalization
+from .errors import StampError
+
+Split = tuple[torch.Tensor, torch.Tensor, Normalization]  # (uint8 images, labels, input statistics)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise StampError("runtime.device is 'cuda' but no CUDA GPU is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, flip: bool = True, pad: int = 4) -> torch.Tensor:
+    """Random crop with ``pad``-pixel zero padding and (if ``flip``) random horizontal flips, on uint8."""
+    b, _, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator)
+    rows = dy + torch.arange(h)  # [b, h]: source row of every output row
+    cols = dx + torch.arange(w)
+    if flip:
+        mirror = torch.rand(b, 1, generator=generator) < 0.5
+        cols = torch.where(mirror, cols.flip(1), cols)
+    out = padded[torch.arange(b)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # [b, h, w, c]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+_augment = augment  # ``train_epoch``'s ``augment`` flag shadows the function's name inside it
+
+
+def train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norm: Normalization,
+                opt: torch.optim.Optimizer, batch_size: int, generator: torch.Generator, device: torch.device,
+                augment: bool = True, scheduler=None, progress: tqdm | None = None,
+                flip: bool = True) -> tuple[float, float]:
+    """One pass over the shuffled data; returns (mean loss, accuracy) on the augmented batches.
+
+    ``augment``: random crops, plus horizontal flips if ``flip`` (off for data where a mirror image
+    changes the meaning, such as digits).
+    ``scheduler`` (if given) steps after every batch; ``progress`` (a tqdm bar) advances per image."""
+    model.train()
+    order = torch.randperm(len(labels), generator=generator)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        if len(idx) < 2:  # BatchNorm cannot train on a single sample
+            continue
+        x = images[idx]
+        if augment:
+            x = _augment(x, generator, flip=flip)
+        x = norm(x.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+        y = labels[idx].to(device, non_blocking=True)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += loss.item() * len(idx)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(idx)
+        if progress is not None:
+            progress.update(len(idx))
+            progress.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+    return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norm: Normalization,
+             batch_size: int, device: torch.device) -> float:
+    """Top-1 accuracy (eval mode, no augmentation)."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        x = norm(images[start:start + batch_size].to(device))
+        x = x.contiguous(memory_format=torch.channels_last)
+        correct += int((model(x).argmax(1).cpu() == labels[start:start + batch_size]).sum())
+    return correct / max(len(labels), 1)
+
+
+# --- checkpoints (stamp_dist.checkpoint: safetensors + JSON, replaced atomically) ------------
+
+
+def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, scheduler,
+                    generator: torch.Generator, epoch: int, history: list[dict], meta: dict) -> None:
+    save_state(directory, {"epoch": epoch, "history": history, "meta": meta, "model": model.state_dict(),
+                           "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
+                           "generator": generator.get_state()})
+
+
+def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, scheduler,
+                    generator: torch.Generator, meta: dict) -> tuple[int, list[dict]] | None:
+    """Restore what ``save_checkpoint`` saved; returns (epochs done, history), or None without a checkpoint."""
+    state = load_state(directory)
+    if state is None:
+        return None
+    if state["meta"] != meta:
+        diff = sorted(k for k in set(meta) | set(state["meta"]) if meta.get(k) != state["meta"].get(k))
+        raise StampError(f"checkpoint {directory} belongs to a run with different settings ({', '.join(diff)}); "
+                         "remove it or write this run elsewhere")
+    model.load_state_dict(state["model"], strict=True)
+    opt.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    return state["epoch"], state["history"]
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+def fit(model: nn.Module, train: Split, test: Split | None, epochs: int, lr: float, momentum: float,
+        weight_decay: float, batch_size: int, seed: int, device: torch.device,
+        on_epoch: Callable[[dict], None] | None = None, augment: bool = True, flip: bool = True,
+        checkpoint_dir: str | Path | None = None, checkpoint_meta: dict | None = None,
+        desc: str = "train") -> list[dict]:
+    """Train ``model`` for ``epochs`` epochs; returns the per-epoch history (a list of metric dicts).
+
+    With ``checkpoint_dir`` the state is saved after every epoch and a later call resumes from the
+    last finished one. ``checkpoint_meta`` (JSON-able) must match the saved run's to resume; the
+    cosine schedule follows the current ``epochs``, so a finished run can be extended."""
+    images, labels, norm = train
+    model.to(device, memory_format=torch.channels_last)  # NHWC convolutions: ~25% faster on CPU (oneDNN) and GPU
+    steps_per_epoch = sum(1 for s in range(0, len(labels), batch_size) if len(labels) - s >= 2)
+    total_steps = max(epochs * steps_per_epoch, 1)
+    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))  # noqa: E731
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
+    generator = torch.Generator().manual_seed(seed)
+    start, history = 0, []
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    resumed = load_checkpoint(ckpt, model, opt, scheduler, generator, checkpoint_meta or {}) if ckpt else None
+    if resumed is not None:
+        start, history = resumed
+        if start > epochs:
+            raise StampError(f"checkpoint {ckpt} has {start} epochs, more than the {epochs} asked for; "
+                             "remove it or ask for at least that many epochs")
+        for group in opt.param_groups:  # re-derive the LR in case ``epochs`` (the schedule's length) changed
+            group["lr"] = lr * cosine(scheduler.last_epoch)
+        print(f"{desc}: resuming from {ckpt} after epoch {start}", file=sys.stderr)
+
+    bar = tqdm(total=epochs * len(labels), initial=start * len(labels), desc=desc, unit="img", unit_scale=True,
+               file=sys.stderr, dynamic_ncols=True, disable=None)
+    try:
+        for epoch in range(start, epochs):
+            t0 = time.perf_counter()
+            loss, acc = train_epoch(model, images, labels, norm, opt, batch_size, generator, device,
+                                    augment=augment, scheduler=scheduler, progress=bar, flip=flip)
+            metrics = {"epoch": epoch + 1, "train_loss": round(loss, 5), "train_acc": round(acc, 5),
+                       "lr_end": scheduler.get_last_lr()[0]}
+            if test is not None:
+                metrics["test_top1"] = round(evaluate(model, test[0], test[1], norm, 2 * batch_size, device), 5)
+            metrics["seconds"] = round(time.perf_counter() - t0, 2)
+            history.append(metrics)
+            bar.set_postfix({k: v for k, v in metrics.items() if k in ("train_loss", "train_acc", "test_top1")})
+            if ckpt is not None:
+                save_checkpoint(ckpt, model, opt, scheduler, generator, epoch + 1, history, checkpoint_meta or {})
+            if on_epoch is not None:
+                on_epoch(metrics)
+    finally:
+        bar.close()
+    return history
