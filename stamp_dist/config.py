@@ -66,14 +66,14 @@ class MetaConfig:
     adapt_backbone: bool = False  # inner steps also update the backbone (else only the head)
     budget_min: float = 0.1
     budget_max: float = 0.6
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     tau: float = 0.5  # hard-concrete temperature
     straight_through: bool = False
     prior: str = "bernoulli"  # sparsity prior: bernoulli | beta_bernoulli | none
     prior_weight: float = 1e-4
-    budget_weight: float = 5.0
+    budget_weight: float = 50.0
     encoder_dim: int = 128
     encoder_heads: int = 4
     encoder_inducing: int = 16
@@ -99,13 +99,14 @@ class PruneConfig:
 @dataclass
 class FinetuneConfig:
     epochs: int = 30
-    batch_size: int = 64
+    batch_size: int = 16  # small: data-scarce targets have ~100 images, and each epoch should take several steps
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
     train_per_class: int = 0  # 0 = every training image; >0 = data-scarce regime
     seed: int = 0
-    augment: bool = True
+    augment: bool = True  # random crops (4-px padding)
+    flip: bool = False  # random horizontal flips: off by default, they change the meaning of digits
 
 
 @dataclass

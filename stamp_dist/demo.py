@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .atomic import write_json
+from .atomic import atomic_file, write_json
 from .bench import run_bench, summarize
 from .config import StampConfig, to_dict
 from .data.demo import make_demo_data
@@ -33,7 +33,8 @@ def run_demo(cfg: StampConfig) -> str:
     results = run_bench(cfg, load_generator(cfg.meta.out, device), device)
     table = summarize(results)
     out = Path(cfg.bench.out)
-    (out / "summary.md").write_text(table + "\n")
+    with atomic_file(out / "summary.md") as tmp:
+        tmp.write_text(table + "\n")
     write_json(out / "summary.json", {"config": to_dict(cfg), "results": results})
     print(f"\n{table}\n\nwall time {time.perf_counter() - t0:.0f} s; results in {out}")
     return table

@@ -27,6 +27,7 @@ from .pruning.groups import ChannelGroups
 from .pruning.hardmask import check_budget
 from .pruning.spec import PruningSpec, save_pruned
 from .pruning.surgery import prune_model
+from .training import pick_device
 
 
 @dataclass
@@ -94,7 +95,7 @@ def build_pruned(backbone: Backbone, backbone_meta: dict, groups: ChannelGroups,
     class prototypes of the pruned network's features on the target sample."""
     pruned = prune_model(backbone, groups, masks)
     feats = pruned.eval().forward_features(Normalization.of(backbone_meta)(target.x))
-    head = prototype_head(feats, target.y, target.num_classes)
+    head = prototype_head(feats, target.y, target.num_classes, unit_scale=True)
     pruned.fc = torch.nn.Linear(feats.shape[1], target.num_classes)
     pruned.fc.weight.copy_(head["fc.weight"])
     pruned.fc.bias.copy_(head["fc.bias"])
@@ -127,7 +128,7 @@ def save_pruned_for_target(out: str | Path, backbone: Backbone, backbone_meta: d
 
 def prune(generator: str | Path, data: str | Path, budget: float, out: str | Path, adapt_steps: int = 0,
           adapt_lr: float = 1e-2, samples_per_class: int = 10, round_to: int = 1, seed: int = 0,
-          device: str = "cpu") -> dict:
+          device: str = "auto") -> dict:
     """Prune the generator's backbone for the target dataset ``data``; write the pruned model to ``out``.
 
     Returns the report (MACs, params, latency, seconds to produce the model).
@@ -136,6 +137,7 @@ def prune(generator: str | Path, data: str | Path, budget: float, out: str | Pat
     if Path(out).exists():
         raise StampError(f"output directory {out} already exists; choose another path or remove it")
     t0 = time.perf_counter()
+    device = pick_device(device)
     gen = load_generator(generator, device)
     target = load_target(data, samples_per_class, gen.backbone_meta)
     target.x, target.y = target.x.to(device), target.y.to(device)

@@ -1,12 +1,62 @@
-"""Shared test settings: deterministic, quiet, few threads (the CI machine has 2 cores)."""
+"""Shared test settings and fixtures: deterministic, quiet, few threads (CI has 2 cores).
+
+``tiny_run`` builds, once per test session, the demo pipeline's inputs at toy size: the demo
+datasets with 12 reference classes and a ConvNet pretrained for one epoch. Tests derive configs
+from it with ``tiny_config``.
+"""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(1)
+
+DEMO_YAML = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+TINY = [
+    "model.backbone=convnet", "model.width=8", "runtime.device=cpu",
+    "data.demo_classes=12", "data.demo_train_per_class=24", "data.demo_test_per_class=8",
+    "pretrain.epochs=1", "pretrain.batch_size=32", "pretrain.num_threads=0",
+    "meta.steps=4", "meta.meta_batch=2", "meta.n_way_min=2", "meta.n_way_max=3", "meta.k_shot=3",
+    "meta.q_query=3", "meta.val_every=2", "meta.val_tasks=2", "meta.val_classes=3", "meta.checkpoint_every=2",
+    "meta.encoder_dim=16", "meta.encoder_heads=2", "meta.encoder_inducing=4", "meta.generator_hidden=16",
+    "finetune.epochs=1", "prune.samples_per_class=5",
+    "bench.budgets=[0.5]", "bench.seeds=[0]", "bench.train_per_class=5",
+]
+
+
+def tiny_config(root: Path, *overrides: str):
+    from stamp_dist.config import load_config
+
+    return load_config(DEMO_YAML, [*TINY, f"data.root={root}/data", f"data.reference={root}/data/reference",
+                                   f"pretrain.out={root}/pretrain", f"meta.out={root}/meta",
+                                   f"bench.out={root}/results", *overrides])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A directory with ``data/`` (demo datasets, small) and ``pretrain/`` (a ConvNet backbone)."""
+    from stamp_dist.data.demo import make_demo_data
+    from stamp_dist.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    cfg = tiny_config(root)
+    make_demo_data(cfg.data.root, cfg.data)
+    pretrain(cfg)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_run, tmp_path_factory) -> Path:
+    """A meta-trained generator run directory (4 steps) on ``tiny_run``."""
+    from stamp_dist.meta.trainer import meta_train
+
+    out = tmp_path_factory.mktemp("tiny_meta")
+    meta_train(tiny_config(tiny_run, f"meta.out={out}"))
+    return out
 
 
 @pytest.fixture(autouse=True)

@@ -126,3 +126,13 @@ def test_save_and_load_bit_identical(tmp_path):
         load_pruned(out)
     with pytest.raises(StampError, match="not found"):
         load_pruned(tmp_path / "missing")
+
+
+def test_pruned_copy_of_a_frozen_model_is_trainable():
+    model = build_backbone("resnet20", 10).requires_grad_(False)
+    groups = discover_groups(model, torch.zeros(1, 3, 32, 32))
+    keep = [torch.ones(c, dtype=torch.bool) for c in groups.sizes]
+    keep[1][:4] = False  # one group pruned, the others untouched
+    pruned = prune_model(model, groups, keep)
+    assert all(p.requires_grad for p in pruned.parameters())
+    assert not any(p.requires_grad for p in model.parameters())

@@ -70,7 +70,7 @@ class MetaTrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.stamp.parameters(), self.cfg.meta.grad_clip)
         self.optimizer.step()
         self.step += 1
-        mean = lambda f: float(np.mean([float(getattr(o, f)) for o in outs]))  # noqa: E731
+        mean = lambda f: float(np.mean([float(getattr(o, f).detach()) for o in outs]))  # noqa: E731
         return {"loss": mean("loss"), "ce": mean("ce"), "prior": mean("prior"), "budget_term": mean("budget_term"),
                 "query_acc": mean("accuracy"), "expected_ratio": mean("expected_ratio"),
                 "budget": float(np.mean([e.budget for e in episodes])), "grad_norm": float(grad_norm)}
@@ -126,6 +126,7 @@ class MetaTrainer:
         if state is not None:
             self.load(state)
             print(f"meta-train: resuming {self.out} from step {self.step}")
+        self.out.mkdir(parents=True, exist_ok=True)
         log = self.out / "metrics.jsonl"
         bar = tqdm(total=m.steps, initial=self.step, desc="meta-train", unit="step", dynamic_ncols=True)
         t0, wait = time.perf_counter(), 0.0

@@ -37,7 +37,9 @@ class MaskGenerator(nn.Module):
     Parameters therefore grow with ``C_max`` and ``Σ C_g`` only linearly and tiny-ly, not with
     ``hidden · Σ C_g`` as separate per-group heads would (ResNet-50 has ~26k prunable channels).
 
-    The per-channel bias starts at ``logit(init_keep)`` so pruning starts near the dense network.
+    Every logit is offset by ``logit(√b)`` (see ``forward``), so at initialisation (per-channel bias
+    ``logit(init_keep)`` = 0 by default) each channel is kept with probability ≈ √b and the expected
+    MACs ratio is ≈ b: pruning starts at the budget, whatever the budget.
     """
 
     def __init__(
@@ -46,7 +48,7 @@ class MaskGenerator(nn.Module):
         embed_dim: int,
         hidden: int = 128,
         group_embed_dim: int = 32,
-        init_keep: float = 0.9,
+        init_keep: float = 0.5,
     ):
         super().__init__()
         if not group_sizes or min(group_sizes) < 1:
@@ -74,6 +76,12 @@ class MaskGenerator(nn.Module):
         e = self.group_embed.expand(*h.shape[:-1], -1, -1)  # [..., G, E]
         u = self.group_code(torch.cat([h.unsqueeze(-2).expand(*e.shape[:-1], -1), e], dim=-1))
         logits = self.readout(u)[..., self._group_idx, self._chan_idx] + self.channel_bias  # [..., Σ C_g]
+        # Budget prior: a conv's MACs scale with (kept in-channels)·(kept out-channels), so keeping a
+        # fraction √b of every channel costs ≈ b. Offsetting every logit by logit(√b) makes the
+        # expected MACs ratio track any budget from the first step; the network learns which
+        # channels deviate from that prior for a given task.
+        root = b.clamp(1e-6, 1 - 1e-6).sqrt()
+        logits = logits + (root.log() - (-root).log1p())
         return list(logits.split(self.group_sizes, dim=-1))
 
 

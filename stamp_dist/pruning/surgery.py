@@ -21,7 +21,7 @@ def keep_indices(mask: torch.Tensor) -> list[int]:
 
 def prune_model(model: nn.Module, groups: ChannelGroups, keep: Sequence[torch.Tensor],
                 num_classes: int | None = None) -> nn.Module:
-    """A deep copy of ``model`` with exactly the channels where ``keep[g]`` is 1 (original numbering).
+    """A trainable deep copy of ``model`` with exactly the channels where ``keep[g]`` is 1 (original numbering).
 
     Coupled layers (BNs, residual partners, next convs' in-channels, the head's in-features) shrink
     with each group. With ``num_classes`` the copy also gets a fresh head for the target.
@@ -45,4 +45,6 @@ def prune_model(model: nn.Module, groups: ChannelGroups, keep: Sequence[torch.Te
         pruned.feature_dim = pruned.fc.in_features
     if num_classes is not None:
         replace_head(pruned, num_classes)
-    return pruned
+    # Torch-Pruning re-creates the parameters of pruned layers (trainable) but leaves untouched ones
+    # as they were: a frozen source (the meta-learning backbone) would give a half-frozen copy.
+    return pruned.requires_grad_(True)

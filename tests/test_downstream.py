@@ -1,0 +1,136 @@
+"""`stamp prune` / `stamp finetune` and the Python API, on the tiny run's generator."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import stamp_dist
+from stamp_dist.cli import main
+from stamp_dist.data.readers import Normalization, load_split
+from stamp_dist.data.shards import PerClassShardWriter
+from stamp_dist.meta.artifact import resolve
+
+
+@pytest.fixture(scope="module")
+def digits(tiny_run):
+    return tiny_run / "data" / "targets" / "digits"
+
+
+def prune_args(generator, data, out, *extra):
+    return ["prune", "--generator", str(generator), "--data", str(data), "--out", str(out), "runtime.device=cpu",
+            "prune.samples_per_class=5", *extra]
+
+
+def test_prune_cli_writes_a_smaller_model_that_reloads_bit_exactly(tiny_generator, digits, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(prune_args(tiny_generator, digits, out, "--budget", "0.4")) == 0
+    assert "pruned model" in capsys.readouterr().out
+    model, spec = stamp_dist.load_pruned(out)
+    report = spec.report
+    assert abs(report["macs_ratio"] - 0.4) <= 0.02 and report["macs"] < report["dense_macs"]
+    assert report["latency_ms_b64"] > 0 and report["seconds_to_prune"] > 0
+    assert all(1 <= len(g.kept) <= g.channels for g in spec.groups)
+    assert model.fc.out_features == 10
+    x, _, _ = load_split(digits, "test", per_class=2)
+    x = Normalization.of(spec)(x)
+    again, _ = stamp_dist.load_pruned(out)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), again.eval()(x))
+
+
+def test_python_api_with_adaptation(tiny_generator, digits, tmp_path):
+    report = stamp_dist.prune(tiny_generator, digits, 0.5, tmp_path / "adapted", adapt_steps=2,
+                              samples_per_class=4, device="cpu")
+    assert report["adapt_steps"] == 2 and abs(report["macs_ratio"] - 0.5) <= 0.02
+
+
+def test_keep_probabilities_depend_on_the_target_not_on_sample_order(tiny_generator, tiny_run):
+    from stamp_dist.downstream import load_target
+    from stamp_dist.meta.artifact import load_generator
+    from stamp_dist.meta.objective import class_features
+    from stamp_dist.models.generator import keep_probability
+
+    gen = load_generator(tiny_generator)
+    norm = Normalization.of(gen.backbone_meta)
+
+    def probs(target, order=None):
+        x = target.x if order is None else target.x.view(target.num_classes, -1, *target.x.shape[1:])[:, order]
+        with torch.no_grad():
+            feats = class_features(gen.backbone, norm(x.reshape(-1, *target.x.shape[1:])), target.num_classes)
+            return torch.cat([keep_probability(a) for a in gen.stamp.eval()(feats, 0.3)])
+
+    digits = load_target(tiny_run / "data" / "targets" / "digits", 5, gen.backbone_meta)
+    shapes = load_target(tiny_run / "data" / "targets" / "synthetic_heldout", 5, gen.backbone_meta)
+    across_targets = (probs(digits) - probs(shapes)).abs().max()
+    across_orders = (probs(digits) - probs(digits, torch.tensor([4, 2, 0, 1, 3]))).abs().max()
+    assert across_orders < 1e-5  # a set function: the order of the sample does not matter
+    assert across_targets > 10 * max(float(across_orders), 1e-7)  # ...but what is in it does
+
+
+def test_finetune_cli_reports_top1(tiny_generator, digits, tmp_path, capsys):
+    pruned = tmp_path / "pruned"
+    assert main(prune_args(tiny_generator, digits, pruned)) == 0
+    out = tmp_path / "tuned"
+    assert main(["finetune", "--model", str(pruned), "--data", str(digits), "--epochs", "1", "--out", str(out),
+                 "runtime.device=cpu", "finetune.train_per_class=5"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    _, spec = stamp_dist.load_pruned(out)
+    assert 0 <= spec.report["finetune"]["top1"] <= 1 and spec.report["finetune"]["train_images"] == 50
+
+
+def _one_class_target(path):
+    w = PerClassShardWriter(path, ["only"], 32)
+    for _ in range(6):
+        w.add("train", 0, np.zeros((32, 32, 3), np.uint8))
+    w.finish()
+
+
+def _small_images_target(path):
+    w = PerClassShardWriter(path, ["a", "b"], 16)
+    for c in range(2):
+        for _ in range(6):
+            w.add("train", c, np.zeros((16, 16, 3), np.uint8))
+    w.finish()
+
+
+@pytest.mark.parametrize("case, words", [
+    ("budget_zero", ["budget", "(0, 1]"]),
+    ("budget_big", ["budget", "(0, 1]"]),
+    ("one_class", ["1 class", "at least 2"]),
+    ("few_images", ["fewer", "asked"]),
+    ("other_backbone", ["fingerprint"]),
+    ("wrong_size", ["16", "--image-size 32"]),
+    ("not_a_generator", ["no generator artifact"]),
+])
+def test_bad_input_is_a_clear_error_and_writes_nothing(case, words, tiny_generator, digits, tmp_path, capsys):
+    generator, data, extra = tiny_generator, digits, []
+    if case == "budget_zero":
+        extra = ["--budget", "0"]
+    elif case == "budget_big":
+        extra = ["--budget", "1.5"]
+    elif case == "one_class":
+        data = tmp_path / "one"
+        _one_class_target(data)
+    elif case == "few_images":
+        extra = ["prune.samples_per_class=1000"]
+    elif case == "other_backbone":
+        generator = tmp_path / "swapped"
+        shutil.copytree(resolve(tiny_generator), generator)
+        weights = load_file(str(generator / "backbone.safetensors"))
+        save_file({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()},
+                  str(generator / "backbone.safetensors"))
+    elif case == "wrong_size":
+        data = tmp_path / "small"
+        _small_images_target(data)
+    elif case == "not_a_generator":
+        generator = digits
+    before = set(tmp_path.iterdir())
+    out = tmp_path / "out"
+    assert main(prune_args(generator, data, out, *extra)) == 2
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err, err
+    assert set(tmp_path.iterdir()) == before and not out.exists()
