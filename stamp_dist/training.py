@@ -20,11 +20,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .checkpoint import load_state, save_state
 from .data.readers import Normalization
 from .errors import StampError
+from .progress import progress
 
 Split = tuple[torch.Tensor, torch.Tensor, Normalization]  # (uint8 images, labels, input statistics)
 
@@ -58,13 +58,13 @@ _augment = augment  # ``train_epoch``'s ``augment`` flag shadows the function's 
 
 def train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norm: Normalization,
                 opt: torch.optim.Optimizer, batch_size: int, generator: torch.Generator, device: torch.device,
-                augment: bool = True, scheduler=None, progress: tqdm | None = None,
+                augment: bool = True, scheduler=None, bar=None,
                 flip: bool = True) -> tuple[float, float]:
     """One pass over the shuffled data; returns (mean loss, accuracy) on the augmented batches.
 
     ``augment``: random crops, plus horizontal flips if ``flip`` (off for data where a mirror image
     changes the meaning, such as digits).
-    ``scheduler`` (if given) steps after every batch; ``progress`` (a tqdm bar) advances per image."""
+    ``scheduler`` (if given) steps after every batch; ``bar`` (a progress bar) advances per image."""
     model.train()
     order = torch.randperm(len(labels), generator=generator)
     loss_sum, correct, seen = 0.0, 0, 0
@@ -87,9 +87,9 @@ def train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, no
         loss_sum += loss.item() * len(idx)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(idx)
-        if progress is not None:
-            progress.update(len(idx))
-            progress.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+        if bar is not None:
+            bar.update(len(idx))
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
     return loss_sum / max(seen, 1), correct / max(seen, 1)
 
 
@@ -166,13 +166,12 @@ def fit(model: nn.Module, train: Split, test: Split | None, epochs: int, lr: flo
             group["lr"] = lr * cosine(scheduler.last_epoch)
         print(f"{desc}: resuming from {ckpt} after epoch {start}", file=sys.stderr)
 
-    bar = tqdm(total=epochs * len(labels), initial=start * len(labels), desc=desc, unit="img", unit_scale=True,
-               file=sys.stderr, dynamic_ncols=True, disable=None)
+    bar = progress(total=epochs * len(labels), initial=start * len(labels), desc=desc, unit="img", unit_scale=True)
     try:
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
             loss, acc = train_epoch(model, images, labels, norm, opt, batch_size, generator, device,
-                                    augment=augment, scheduler=scheduler, progress=bar, flip=flip)
+                                    augment=augment, scheduler=scheduler, bar=bar, flip=flip)
             metrics = {"epoch": epoch + 1, "train_loss": round(loss, 5), "train_acc": round(acc, 5),
                        "lr_end": scheduler.get_last_lr()[0]}
             if test is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import pickle
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,10 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import numpy as np
 import scipy.io
 from PIL import Image
-from tqdm import tqdm
 
 from ..atomic import atomic_dir
 from ..errors import StampError
+from ..progress import progress
 from .manifest import Manifest
 from .readers import decode_image, iter_tar, parse_label
 from .shards import PerClassShardWriter
@@ -363,8 +362,8 @@ def convert(kind: str, src: str | Path, out: str | Path, image_size: int | None 
     with atomic_dir(out) as tmp:
         source = READERS[kind](src)
         writer = PerClassShardWriter(tmp, source.classes, image_size, shard_size, source=f"{kind}:{src.resolve()}")
-        with contextlib.closing(writer), tqdm(total=source.total, desc=f"converting {src.name}", unit="img",
-                                              file=sys.stderr) as bar:
+        with contextlib.closing(writer), progress(total=source.total, desc=f"converting {src.name}",
+                                                  unit="img") as bar:
             for item in source.items:
                 try:
                     writer.add(item.split, item.label, item.image)

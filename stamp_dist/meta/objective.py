@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -109,6 +110,12 @@ def adapted_logits(backbone: Backbone, groups: ChannelGroups, masks: list[torch.
 def _episode_tensors(episode: Episode, norm: Normalization, device: torch.device):
     return (norm(episode.support_x.to(device)), episode.support_y.to(device),
             norm(episode.query_x.to(device)), episode.query_y.to(device))
+
+
+def episode_rng(seed: int, step: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The mask-sampling RNG of episode ``index`` of meta-step ``step``: a pure function of the three,
+    so a meta-batch split across workers samples exactly the masks one process would."""
+    return torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0]))
 
 
 def episode_loss(backbone: Backbone, stamp: Stamp, groups: ChannelGroups, cost: CostModel, episode: Episode,

@@ -13,18 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..checkpoint import load_state, save_state
 from ..config import StampConfig, to_dict
 from ..data.episodes import ClassPool, Episode, EpisodeSampler, split_classes
 from ..data.manifest import Manifest
 from ..data.readers import Normalization
+from ..progress import progress
 from ..pruning.groups import discover_groups
 from ..pruning.macs import CostModel
 from ..training import pick_device
 from .artifact import GeneratorStore, save_generator
-from .objective import Stamp, episode_loss, validate_episode
+from .objective import Stamp, episode_loss, episode_rng, validate_episode
 
 
 class MetaTrainer:
@@ -50,7 +50,6 @@ class MetaTrainer:
         pool = ClassPool(cfg.data.reference, "train", seed=m.seed, manifest=manifest)
         self.sampler = EpisodeSampler(pool, train_classes, m.n_way_min, m.n_way_max, m.k_shot, m.q_query,
                                       m.budget_min, m.budget_max, seed=m.seed)
-        self.mask_rng = torch.Generator(device=self.device).manual_seed(m.seed)
         self.store = GeneratorStore(self.out, keep=m.keep_last)
         self.step = 0
         self._val_episodes: list[Episode] | None = None
@@ -62,9 +61,9 @@ class MetaTrainer:
         self.stamp.train()
         self.optimizer.zero_grad(set_to_none=True)
         outs = []
-        for ep in episodes:
-            out = episode_loss(self.backbone, self.stamp, self.groups, self.cost, ep, self.norm, self.cfg.meta,
-                               self.mask_rng)
+        for i, ep in enumerate(episodes):
+            rng = episode_rng(self.cfg.meta.seed, self.step, i, self.device)
+            out = episode_loss(self.backbone, self.stamp, self.groups, self.cost, ep, self.norm, self.cfg.meta, rng)
             (out.loss / len(episodes)).backward()
             outs.append(out)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.stamp.parameters(), self.cfg.meta.grad_clip)
@@ -100,7 +99,7 @@ class MetaTrainer:
     def state(self) -> dict:
         return {"step": self.step, "stamp": self.stamp.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "backbone": self.backbone.state_dict() if self.cfg.meta.learn_backbone else {},
-                "mask_rng": self.mask_rng.get_state(), "torch_rng": torch.get_rng_state(),
+                "torch_rng": torch.get_rng_state(),
                 "sampler_rng": self.sampler.rng.bit_generator.state, "pool_rng": self.sampler.pool.rng_state()}
 
     def load(self, state: dict) -> None:
@@ -109,7 +108,6 @@ class MetaTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if state["backbone"]:
             self.backbone.load_state_dict(state["backbone"])
-        self.mask_rng.set_state(state["mask_rng"])
         torch.set_rng_state(state["torch_rng"])
         self.sampler.rng.bit_generator.state = state["sampler_rng"]
         self.sampler.pool.set_rng_state(state["pool_rng"])
@@ -128,7 +126,7 @@ class MetaTrainer:
             print(f"meta-train: resuming {self.out} from step {self.step}")
         self.out.mkdir(parents=True, exist_ok=True)
         log = self.out / "metrics.jsonl"
-        bar = tqdm(total=m.steps, initial=self.step, desc="meta-train", unit="step", dynamic_ncols=True)
+        bar = progress(total=m.steps, initial=self.step, desc="meta-train", unit="step")
         t0, wait = time.perf_counter(), 0.0
         while self.step < m.steps:
             t = time.perf_counter()
