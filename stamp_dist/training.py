@@ -178,7 +178,8 @@ def fit(model: nn.Module, train: Split, test: Split | None, epochs: int, lr: flo
                 metrics["test_top1"] = round(evaluate(model, test[0], test[1], norm, 2 * batch_size, device), 5)
             metrics["seconds"] = round(time.perf_counter() - t0, 2)
             history.append(metrics)
-            bar.set_postfix({k: v for k, v in metrics.items() if k in ("train_loss", "train_acc", "test_top1")})
+            bar.set_postfix({k: v for k, v in metrics.items() if k in ("train_loss", "train_acc", "test_top1")},
+                            refresh=False)
             if ckpt is not None:
                 save_checkpoint(ckpt, model, opt, scheduler, generator, epoch + 1, history, checkpoint_meta or {})
             if on_epoch is not None:
