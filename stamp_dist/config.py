@@ -118,11 +118,17 @@ class RuntimeConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 1
     sampler_actors: int = 2
-    prefetch: int = 4
+    prefetch: int = 4  # episodes each worker requests ahead of the one it trains on
     zero_stage: int = 0
     precision: str = "fp32"  # fp32 | bf16
     max_failures: int = 2
     device: str = "auto"  # auto | cpu | cuda
+    num_cpus: Optional[int] = None  # logical CPUs of a locally started Ray; None = max(detected, what the run asks for)
+    sampler_cpus: float = 1.0  # CPUs reserved per sampler actor
+    sampler_buffer: int = 512  # images buffered per class by a sampler actor (bounds its memory)
+    sampler_reuse: int = 4  # a class buffer is refilled from its shards after serving this many times its size
+    sampler_max_restarts: int = 3  # restarts of a crashed sampler actor before the run fails
+    checkpoints_kept: int = 2  # Ray Train checkpoints kept in meta.out/train
 
 
 @dataclass
@@ -131,6 +137,7 @@ class TrackingConfig:
     project: str = "stamp_dist"
     dir: str = "runs/demo/wandb"
     name: Optional[str] = None
+    log_artifacts: bool = True  # also log each published generator as a wandb artifact
 
 
 @dataclass
@@ -242,3 +249,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 def to_dict(cfg: StampConfig | DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(d: dict) -> StampConfig:
+    """The typed config back from ``to_dict`` (how a config travels to Ray actors and workers)."""
+    return OmegaConf.merge(OmegaConf.structured(StampConfig), d)  # type: ignore[return-value]

@@ -9,41 +9,101 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..checkpoint import load_state, save_state
-from ..config import StampConfig, to_dict
+from ..config import MetaConfig, StampConfig, to_dict
 from ..data.episodes import ClassPool, Episode, EpisodeSampler, split_classes
 from ..data.manifest import Manifest
 from ..data.readers import Normalization
+from ..models.backbones import Backbone
 from ..progress import progress
-from ..pruning.groups import discover_groups
+from ..pruning.groups import ChannelGroups, discover_groups
 from ..pruning.macs import CostModel
 from ..training import pick_device
 from .artifact import GeneratorStore, save_generator
-from .objective import Stamp, episode_loss, episode_rng, validate_episode
+from .objective import EpisodeOutput, Stamp, episode_loss, episode_rng, validate_episode
+
+
+@dataclass
+class MetaModel:
+    """What every meta-training process builds from the config (the single-process trainer, and each
+    distributed worker): the pretrained backbone, its channel groups and MACs model, the STAMP module
+    (seeded from ``meta.seed``, so every process starts from the same weights) and the input statistics."""
+
+    backbone: Backbone
+    backbone_meta: dict
+    groups: ChannelGroups
+    cost: CostModel
+    stamp: Stamp
+    norm: Normalization
+
+    @classmethod
+    def build(cls, cfg: StampConfig, device: torch.device) -> "MetaModel":
+        from ..pretrain import load_backbone
+
+        m = cfg.meta
+        torch.manual_seed(m.seed)
+        backbone, backbone_meta = load_backbone(cfg.pretrain.out)
+        backbone = backbone.to(device).eval().requires_grad_(m.learn_backbone)
+        size = backbone_meta["image_size"]
+        groups = discover_groups(backbone, torch.zeros(1, 3, size, size, device=device))
+        cost = CostModel(backbone, groups, (3, size, size))
+        stamp = Stamp(backbone.feature_dim, groups.sizes, m).to(device)
+        return cls(backbone, backbone_meta, groups, cost, stamp, Normalization.of(backbone_meta))
+
+    def trainable(self, learn_backbone: bool) -> list[torch.nn.Parameter]:
+        """The meta-learned parameters, in optimizer order: φ, ψ (and θ with ``meta.learn_backbone``)."""
+        return list(self.stamp.parameters()) + (list(self.backbone.parameters()) if learn_backbone else [])
+
+    def validate(self, episodes: list[Episode], cfg: MetaConfig) -> dict[str, float]:
+        """Hard-mask meta-validation: query accuracy and achieved MACs ratio at each task's budget."""
+        self.stamp.eval()
+        scores = [validate_episode(self.backbone, self.stamp, self.groups, self.cost, ep, self.norm, cfg)
+                  for ep in episodes]
+        acc, ratio = np.array(scores).T
+        budgets = np.array([ep.budget for ep in episodes])
+        return {"val_acc": float(acc.mean()), "val_ratio_error": float(np.abs(ratio - budgets).max()),
+                "val_macs_ratio": float(ratio.mean())}
+
+    def publish(self, store: GeneratorStore, step: int, meta_cfg: MetaConfig, metrics: dict) -> Path:
+        """Write the current generator as a new version of ``store`` (scored by ``val_acc``)."""
+        return store.publish(step, metrics["val_acc"], lambda d: save_generator(
+            d, self.stamp, self.backbone, self.backbone_meta, self.groups, to_dict(meta_cfg), step, metrics))
+
+
+def validation_episodes(cfg: StampConfig, val_classes: list[int]) -> list[Episode]:
+    """A fixed set of tasks on held-out classes (test split), so scores are comparable across steps."""
+    m = cfg.meta
+    pool = ClassPool(cfg.data.reference, "test", seed=m.seed + 1)
+    sampler = EpisodeSampler(pool, val_classes, m.n_way_min, m.n_way_max, m.k_shot, m.q_query,
+                             m.budget_min, m.budget_max, seed=m.seed + 1)
+    return [sampler.sample() for _ in range(m.val_tasks)]
+
+
+def summarize(outs: list[EpisodeOutput], episodes: list[Episode]) -> dict[str, float]:
+    """Meta-batch means of the loss terms and diagnostics."""
+    mean = lambda f: float(np.mean([float(getattr(o, f).detach()) for o in outs]))  # noqa: E731
+    return {"loss": mean("loss"), "ce": mean("ce"), "prior": mean("prior"), "budget_term": mean("budget_term"),
+            "query_acc": mean("accuracy"), "expected_ratio": mean("expected_ratio"),
+            "budget": float(np.mean([e.budget for e in episodes]))}
 
 
 class MetaTrainer:
     def __init__(self, cfg: StampConfig):
-        from ..pretrain import load_backbone
-
         self.cfg, m = cfg, cfg.meta
         self.out = Path(m.out)
         self.device = pick_device(cfg.runtime.device)
-        torch.manual_seed(m.seed)
-        self.backbone, self.backbone_meta = load_backbone(cfg.pretrain.out)
-        self.backbone = self.backbone.to(self.device).eval().requires_grad_(m.learn_backbone)
-        size = self.backbone_meta["image_size"]
-        self.groups = discover_groups(self.backbone, torch.zeros(1, 3, size, size, device=self.device))
-        self.cost = CostModel(self.backbone, self.groups, (3, size, size))
-        self.stamp = Stamp(self.backbone.feature_dim, self.groups.sizes, m).to(self.device)
-        params = list(self.stamp.parameters()) + (list(self.backbone.parameters()) if m.learn_backbone else [])
-        self.optimizer = torch.optim.AdamW(params, lr=m.lr, weight_decay=m.weight_decay)
-        self.norm = Normalization.of(self.backbone_meta)
+        self.model = MetaModel.build(cfg, self.device)
+        self.backbone, self.backbone_meta = self.model.backbone, self.model.backbone_meta
+        self.groups, self.cost, self.stamp, self.norm = (self.model.groups, self.model.cost, self.model.stamp,
+                                                         self.model.norm)
+        self.optimizer = torch.optim.AdamW(self.model.trainable(m.learn_backbone), lr=m.lr,
+                                           weight_decay=m.weight_decay)
 
         manifest = Manifest.load(cfg.data.reference)
         train_classes, self.val_classes = split_classes(manifest.num_classes, m.val_classes, m.seed)
@@ -69,30 +129,17 @@ class MetaTrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.stamp.parameters(), self.cfg.meta.grad_clip)
         self.optimizer.step()
         self.step += 1
-        mean = lambda f: float(np.mean([float(getattr(o, f).detach()) for o in outs]))  # noqa: E731
-        return {"loss": mean("loss"), "ce": mean("ce"), "prior": mean("prior"), "budget_term": mean("budget_term"),
-                "query_acc": mean("accuracy"), "expected_ratio": mean("expected_ratio"),
-                "budget": float(np.mean([e.budget for e in episodes])), "grad_norm": float(grad_norm)}
+        return summarize(outs, episodes) | {"grad_norm": float(grad_norm)}
 
     # --- meta-validation ------------------------------------------------------------------
 
     def val_episodes(self) -> list[Episode]:
-        """A fixed set of tasks on held-out classes (test split), so scores are comparable across steps."""
         if self._val_episodes is None:
-            m = self.cfg.meta
-            pool = ClassPool(self.cfg.data.reference, "test", seed=m.seed + 1)
-            sampler = EpisodeSampler(pool, self.val_classes, m.n_way_min, m.n_way_max, m.k_shot, m.q_query,
-                                     m.budget_min, m.budget_max, seed=m.seed + 1)
-            self._val_episodes = [sampler.sample() for _ in range(m.val_tasks)]
+            self._val_episodes = validation_episodes(self.cfg, self.val_classes)
         return self._val_episodes
 
     def validate(self) -> dict[str, float]:
-        self.stamp.eval()
-        scores = [validate_episode(self.backbone, self.stamp, self.groups, self.cost, ep, self.norm,
-                                   self.cfg.meta) for ep in self.val_episodes()]
-        acc, ratio = np.array(scores).T
-        budgets = np.array([ep.budget for ep in self.val_episodes()])
-        return {"val_acc": float(acc.mean()), "val_ratio_error": float(np.abs(ratio - budgets).max())}
+        return self.model.validate(self.val_episodes(), self.cfg.meta)
 
     # --- state ------------------------------------------------------------------------------
 
@@ -113,8 +160,7 @@ class MetaTrainer:
         self.sampler.pool.set_rng_state(state["pool_rng"])
 
     def publish(self, metrics: dict) -> Path:
-        return self.store.publish(self.step, metrics["val_acc"], lambda d: save_generator(
-            d, self.stamp, self.backbone, self.backbone_meta, self.groups, to_dict(self.cfg.meta), self.step, metrics))
+        return self.model.publish(self.store, self.step, self.cfg.meta, metrics)
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -151,5 +197,12 @@ class MetaTrainer:
 
 
 def meta_train(cfg: StampConfig) -> Path:
-    """`stamp meta-train`: train (or resume) and return the run's generator store."""
+    """`stamp meta-train`: train (or resume) and return the run's generator store.
+
+    ``runtime.backend=ray`` runs the same objective on Ray Train + DeepSpeed workers (``stamp_dist.dist``).
+    """
+    if cfg.runtime.backend == "ray":
+        from ..dist.launch import meta_train_ray
+
+        return meta_train_ray(cfg)
     return MetaTrainer(cfg).run()

@@ -1,0 +1,93 @@
+"""The cluster-facing files: the ImageNet/ResNet-50 and demo Ray configs, the launchers, the SLURM scripts."""
+
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from stamp_dist.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_imagenet_resnet50_config_builds_the_meta_model():
+    from stamp_dist.dist.learner import deepspeed_config
+    from stamp_dist.meta.objective import Stamp
+    from stamp_dist.models.backbones import build_backbone
+    from stamp_dist.pruning.groups import discover_groups
+    from stamp_dist.pruning.macs import CostModel
+
+    cfg = load_config(ROOT / "configs" / "imagenet_resnet50.yaml")
+    assert cfg.runtime.backend == "ray" and cfg.runtime.use_gpu and cfg.model.backbone == "resnet50"
+    backbone = build_backbone(cfg.model.backbone, 1000, width=cfg.model.width).eval()
+    assert sum(p.numel() for p in backbone.parameters()) == 25_557_032  # torchvision's ResNet-50
+    groups = discover_groups(backbone, torch.zeros(1, 3, 224, 224))
+    cost = CostModel(backbone, groups, (3, 224, 224))
+    assert 4.0e9 < float(cost.dense_macs) < 4.2e9  # ResNet-50: 4.1 GMACs at 224x224
+    stamp = Stamp(backbone.feature_dim, groups.sizes, cfg.meta)
+    logits = stamp(torch.randn(5, cfg.meta.k_shot, backbone.feature_dim), 0.3)
+    assert [a.shape[-1] for a in logits] == groups.sizes
+    ds = deepspeed_config(cfg, cfg.runtime.num_workers)
+    assert ds["train_batch_size"] == cfg.meta.meta_batch * cfg.runtime.num_workers
+    assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 1
+
+
+def test_demo_ray_config_loads():
+    cfg = load_config(ROOT / "configs" / "demo_ray.yaml")
+    assert cfg.runtime.backend == "ray" and cfg.runtime.address is None and cfg.runtime.host == "127.0.0.1"
+    # Per-worker meta-batch x workers = the single-process demo's meta-batch.
+    assert cfg.meta.meta_batch * cfg.runtime.num_workers == load_config(ROOT / "configs" / "demo.yaml").meta.meta_batch
+
+
+def test_zero3_is_refused_with_a_reason():
+    from stamp_dist.dist.learner import deepspeed_config
+    from stamp_dist.errors import StampError
+
+    with pytest.raises(StampError, match="zero_stage"):
+        deepspeed_config(load_config(None, ["runtime.zero_stage=3"]), 2)
+
+
+def _launcher(name: str):
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_launchers_build_the_meta_train_command():
+    local = _launcher("local").parse(["-c", "configs/demo_ray.yaml", "--workers", "3", "meta.steps=10"])
+    assert local == ["meta-train", "-c", "configs/demo_ray.yaml", "meta.steps=10", "runtime.backend=ray",
+                     "runtime.address=null", "runtime.num_workers=3"]
+    cluster = _launcher("cluster").parse(["-c", "c.yaml", "--address", "10.0.0.1:6379"])
+    assert cluster == ["meta-train", "-c", "c.yaml", "runtime.backend=ray", "runtime.address=10.0.0.1:6379"]
+    from stamp_dist.cli import build_parser
+
+    args = build_parser().parse_args(local)
+    assert load_config(ROOT / args.config, args.overrides).runtime.num_workers == 3
+
+
+SCRIPTS = sorted((ROOT / "slurm").glob("*.sbatch"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
+def test_slurm_script_parses(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
+def test_slurm_script_passes_shellcheck(script):
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install -y shellcheck)")
+    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_slurm_meta_train_script_requeues_on_the_time_limit_signal():
+    text = (ROOT / "slurm" / "meta_train.sbatch").read_text()
+    for needed in ("#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "#SBATCH --ntasks-per-node=1",
+                   "trap on_time_limit USR1", 'kill -USR1 "${train_pid}"', 'scontrol requeue "${job}"',
+                   "--num-cpus=", "--num-gpus=", '"$@") &\ntrain_pid=$!'):  # `cmd & wait`: traps run during wait
+        assert needed in text, needed

@@ -1,0 +1,312 @@
+"""Distributed meta-training on a real local Ray cluster: 2 sampler actors, 2 DeepSpeed workers (gloo).
+
+One Ray instance serves the test session (``ray_cluster``). ``faulty_run`` drives `stamp meta-train`
+with ``runtime.backend=ray`` three times on one run directory, as a user would, and the tests read
+what it left behind (each Ray Train start costs ~20 s, so the assertions share these runs):
+
+A. the command is killed (SIGKILL) after its first checkpoints;
+B. the same command resumes; a sampler actor and then a training worker are killed mid-run; then
+   SIGUSR1 (SLURM's pre-timeout signal) makes it checkpoint and stop;
+C. the same command resumes and finishes.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import tiny_config
+
+STEPS, CHECKPOINT_EVERY, VAL_EVERY = 60, 5, 20
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The test session's one Ray instance (4 logical CPUs: 2 workers + 2 half-CPU samplers), on 127.0.0.1."""
+    import ray
+
+    from stamp_dist.config import RuntimeConfig
+    from stamp_dist.dist.launch import start_ray
+
+    # Ray Train's controller polls workers every 2 s and a worker's second report waits for that poll;
+    # with these toy steps (~0.1 s) checkpoints would wait on it. Ray's processes inherit the variable.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    start_ray(RuntimeConfig(host="127.0.0.1"), num_cpus=4)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def ray_processes(actor_class: str) -> list[psutil.Process]:
+    """Live processes of this machine's Ray actors of one class (Ray titles them ``ray::Class...``)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].startswith(f"ray::{actor_class}"):
+            found.append(p)
+    return found
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) while waiting for {what}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def last_step(run: Path) -> int:
+    lines = read_jsonl(run / "metrics.jsonl")
+    return lines[-1]["step"] if lines else 0
+
+
+def latest_checkpoint_step(run: Path) -> int:
+    """The step of the newest checkpoint Ray Train registered for the run (what a resume starts from)."""
+    snapshot = json.loads((run / "train" / "checkpoint_manager_snapshot.json").read_text())
+    return max(r["metrics"]["step"] for r in snapshot["checkpoint_results"])
+
+
+def kill_and_wait_gone(procs: list[psutil.Process]) -> None:
+    for p in procs:
+        p.kill()
+    psutil.wait_procs(procs, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def faulty_run(ray_cluster, tiny_run, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist_run")
+    run = tmp / "run"
+    cfg = tiny_config(tiny_run, f"meta.out={run}", f"meta.steps={STEPS}", f"meta.val_every={VAL_EVERY}",
+                      f"meta.checkpoint_every={CHECKPOINT_EVERY}", "runtime.backend=ray",
+                      f"runtime.address={ray_cluster}", "runtime.num_workers=2", "runtime.sampler_actors=2",
+                      "runtime.sampler_cpus=0.5", "runtime.max_failures=2", "tracking.wandb_mode=offline",
+                      f"tracking.dir={tmp}/wandb")
+    OmegaConf.save(cfg, tmp / "run.yaml")
+    record = {"tmp": tmp, "run": run, "yaml": tmp / "run.yaml"}
+
+    def command(phase: str) -> subprocess.Popen:
+        log = open(tmp / f"phase_{phase}.log", "w")
+        return subprocess.Popen([sys.executable, "-m", "stamp_dist.cli", "meta-train", "-c", str(tmp / "run.yaml")],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+
+    # A: kill the whole command once it has checkpointed.
+    t0 = time.monotonic()
+    a = command("A")
+    wait_for(lambda: (run / "train" / "checkpoint_manager_snapshot.json").is_file() and last_step(run) >= 8,
+             180, "phase A to pass step 8", a)
+    a.kill()
+    a.wait()
+    record["a_checkpoint"] = latest_checkpoint_step(run)
+    record["a_last_step"] = last_step(run)
+    # The killed driver's actors die with it; wait so that B's kills hit B's processes.
+    wait_for(lambda: not ray_processes("RayTrainWorker") and not ray_processes("SamplerActor"), 60,
+             "phase A's actors to exit")
+    record["a_seconds"] = time.monotonic() - t0
+
+    # B: resume; kill a sampler actor, then a worker; then ask for a graceful stop.
+    t0 = time.monotonic()
+    lines = lambda: len(read_jsonl(run / "metrics.jsonl"))  # noqa: E731
+    starts = lambda: sum(e["event"] == "start" for e in read_jsonl(run / "events.jsonl"))  # noqa: E731
+    lines_after_a = lines()
+    b = command("B")
+    wait_for(lambda: lines() >= lines_after_a + 3, 180, "phase B to resume and take 3 steps", b)
+    samplers = {p.pid for p in ray_processes("SamplerActor")}
+    victim = ray_processes("SamplerActor")[0]
+    record["sampler_killed_at"], lines_at_kill = last_step(run), lines()
+    kill_and_wait_gone([victim])
+    wait_for(lambda: lines() >= lines_at_kill + 5, 120, "phase B to go on after the sampler was killed", b)
+    record["sampler_replaced"] = wait_for(
+        lambda: (pids := {p.pid for p in ray_processes("SamplerActor")}) and victim.pid not in pids
+        and len(pids) == len(samplers), 60, "the sampler actor's replacement")
+    wait_for(lambda: latest_checkpoint_step(run) > record["a_checkpoint"], 60, "phase B to commit a checkpoint", b)
+    starts_before = starts()
+    record["worker_killed_at"] = last_step(run)
+    record["committed_before_kill"] = latest_checkpoint_step(run)
+    kill_and_wait_gone(ray_processes("RayTrainWorker")[:1])
+    record["worker_kill_landed"] = last_step(run)  # the group cannot step with a rank missing
+    wait_for(lambda: starts() > starts_before, 180, "the restarted worker group to start", b)
+    # What Ray Train had committed when it restarted the group (it commits a checkpoint when its
+    # controller has collected every rank's report, so the newest upload may not have been committed).
+    record["committed_at_restart"] = latest_checkpoint_step(run)
+    b.send_signal(signal.SIGUSR1)
+    assert b.wait(timeout=120) == 0, (tmp / "phase_B.log").read_text()[-3000:]
+    record["b_summary"] = json.loads((run / "summary.json").read_text())
+    record["b_seconds"] = time.monotonic() - t0
+
+    # C: the same command finishes the run.
+    t0 = time.monotonic()
+    c = command("C")
+    assert c.wait(timeout=240) == 0, (tmp / "phase_C.log").read_text()[-3000:]
+    record["c_seconds"] = time.monotonic() - t0
+    record["events"] = read_jsonl(run / "events.jsonl")
+    record["summary"] = json.loads((run / "summary.json").read_text())
+    print({k: v for k, v in record.items() if k != "events"})
+    return record
+
+
+@pytest.mark.slow
+def test_killed_command_resumes_from_its_last_checkpoint(faulty_run):
+    starts = [e for e in faulty_run["events"] if e["event"] == "start"]
+    assert (starts[0]["step"], starts[0]["resumed"], starts[0]["world_size"]) == (0, False, 2)
+    # B's first start is the re-run after the kill: it continues from A's newest checkpoint.
+    assert starts[1]["resumed"] and starts[1]["step"] == faulty_run["a_checkpoint"] >= CHECKPOINT_EVERY
+    assert faulty_run["a_checkpoint"] <= faulty_run["a_last_step"]
+
+
+@pytest.mark.slow
+def test_killed_sampler_actor_is_replaced_and_the_run_goes_on(faulty_run):
+    # The fixture waited for 5 more steps after the kill, and for a new actor process.
+    assert faulty_run["sampler_replaced"]
+    assert faulty_run["worker_killed_at"] >= faulty_run["sampler_killed_at"] + 5
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_from_last_checkpoint(faulty_run):
+    starts = [e for e in faulty_run["events"] if e["event"] == "start"]
+    restart = starts[2]  # B's second worker group: Ray Train's restart after the worker was killed
+    assert restart["resumed"] and restart["step"] == faulty_run["committed_at_restart"]
+    assert faulty_run["committed_before_kill"] <= restart["step"] <= faulty_run["worker_kill_landed"]
+    assert restart["step"] > starts[1]["step"]  # progress made since B's own start was kept
+
+
+@pytest.mark.slow
+def test_stop_signal_checkpoints_and_the_next_run_finishes(faulty_run):
+    b, final = faulty_run["b_summary"], faulty_run["summary"]
+    assert b["stopped"] and b["step"] < STEPS
+    starts = [e for e in faulty_run["events"] if e["event"] == "start"]
+    assert starts[-1]["step"] == b["step"]  # C resumed exactly where B stopped
+    assert final["step"] == STEPS and not final["stopped"]
+
+
+@pytest.mark.slow
+def test_ranks_hold_identical_parameters(faulty_run):
+    summary = faulty_run["summary"]
+    assert summary["world_size"] == 2 and summary["ranks_identical"]
+    assert len(set(summary["rank_fingerprints"])) == 1
+
+
+@pytest.mark.slow
+def test_published_generators_are_complete_and_prune_uses_best(faulty_run, tiny_run):
+    from stamp_dist.cli import main
+    from stamp_dist.meta.artifact import GeneratorStore, load_generator, resolve
+
+    run = faulty_run["run"]
+    store = GeneratorStore(run)
+    assert store.pointer("latest")["step"] == STEPS
+    versions = sorted(p for p in store.root.glob("v[0-9]*"))
+    assert versions and all(load_generator(v).info["step"] == int(v.name[1:]) for v in versions)  # none half-written
+    best = resolve(run)
+    assert best.name == store.pointer("best")["version"]
+    out = faulty_run["tmp"] / "pruned"
+    assert main(["prune", "-c", str(faulty_run["yaml"]), "--generator", str(run), "--data",
+                 str(tiny_run / "data" / "targets" / "digits"), "--budget", "0.5", "--out", str(out)]) == 0
+    spec = json.loads((out / "spec.json").read_text())
+    assert spec["report"]["generator"] == str(best)
+
+
+@pytest.mark.slow
+def test_keep_ratio_plots_and_logs(faulty_run):
+    run = faulty_run["run"]
+    assert (run / "plots" / f"keep_ratio_{STEPS:06d}.png").stat().st_size > 1000
+    last = read_jsonl(run / "metrics.jsonl")[-1]
+    assert {"loss", "ce", "prior", "budget_term", "expected_ratio", "val_acc", "val_macs_ratio",
+            "episodes_per_s", "data_wait_fraction"} <= set(last)
+    assert 0 < faulty_run["summary"]["episodes_per_s"] and 0 <= faulty_run["summary"]["data_wait_fraction"] < 1
+
+
+# --- wandb ------------------------------------------------------------------------------------
+
+def read_wandb_records(path: Path) -> list:
+    """Records of an offline run file (``run-<id>.wandb``). The file is a 7-byte header (``:W&B``, magic,
+    version) followed by a LevelDB-style log: 32 KiB blocks of chunks, each a 7-byte header (CRC32C,
+    little-endian length, type: 1 full, 2 first, 3 middle, 4 last) and part of a serialised
+    ``wandb_internal_pb2.Record``."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, chunk, records = path.read_bytes(), 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer too short for a header: zero padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            records.append(record)
+            chunk = b""
+    return records
+
+
+def key(item) -> str:
+    """A history/config item's name (wandb stores it in ``key`` or, path-split, in ``nested_key``)."""
+    return item.key or "/".join(item.nested_key)
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_holds_the_logged_keys(faulty_run):
+    run_id = (faulty_run["run"] / "wandb_id").read_text().strip()
+    files = sorted((faulty_run["tmp"] / "wandb" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(files) >= 3  # one offline run directory per worker-group start, all under the same run id
+    records = [r for f in files for r in read_wandb_records(f)]
+    kinds = {r.WhichOneof("record_type") for r in records}
+    assert {"run", "history", "artifact"} <= kinds
+    keys = {key(item) for r in records if r.HasField("history") for item in r.history.item}
+    assert {"loss", "ce", "prior", "budget_term", "expected_ratio", "query_acc", "val_acc", "val_macs_ratio",
+            "episodes_per_s", "data_wait_fraction", "keep_ratio/_type"} <= keys
+    images = {json.loads(i.value_json) for r in records if r.HasField("history") for i in r.history.item
+              if key(i) == "keep_ratio/_type"}
+    assert images == {"image-file"}  # the keep-ratio plot, logged as a wandb.Image
+    config = {key(u) for r in records if r.HasField("run") for u in r.run.config.update}
+    assert {"meta", "runtime", "tracking"} <= config
+    steps = [json.loads(i.value_json) for r in records if r.HasField("history") for i in r.history.item
+             if key(i) == "_step"]
+    assert max(steps) == STEPS
+
+
+# --- sampler actors ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sampler_actors_serve_worker_count_independent_episodes(ray_cluster, tiny_run):
+    import ray
+
+    from stamp_dist.data.episodes import split_classes
+    from stamp_dist.dist.sampler import EpisodeStream, SamplerPool
+
+    cfg = tiny_config(tiny_run, "runtime.sampler_actors=2", "runtime.sampler_cpus=0.5", "runtime.sampler_buffer=8")
+    m = cfg.meta
+    classes, _ = split_classes(12, m.val_classes, m.seed)
+    pool = SamplerPool.start(cfg, classes, "unit")
+    try:
+        assert sorted(pool.owner) == classes and set(pool.owner.values()) == {0, 1}
+        whole, _ = EpisodeStream(pool, classes, m, 0, 4, 2, start_step=1).take(1)
+        halves = [EpisodeStream(pool, classes, m, first, 2, 2, start_step=1).take(1)[0] for first in (0, 2)]
+        assert [(e.classes, e.budget) for e in whole] == [(e.classes, e.budget) for h in halves for e in h]
+        ep = whole[0]
+        assert ep.support_x.dtype == torch.uint8 and ep.support_x.shape[0] == ep.n_way * m.k_shot
+        assert ep.query_x.shape[0] == ep.n_way * m.q_query and ep.support_y.max() == ep.n_way - 1
+
+        state = pool.state()
+        ray.kill(pool.actors[0], no_restart=False)  # the actor restarts with empty buffers
+        again, _ = EpisodeStream(pool, classes, m, 0, 4, 0, start_step=2).take(2)
+        assert len(again) == 4 and all(e.support_x.dtype == torch.uint8 for e in again)
+        pool.restore(state)
+        assert pool.state() == state
+    finally:
+        pool.shutdown()
