@@ -17,7 +17,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class Backbone(nn.Module, abc.ABC):
