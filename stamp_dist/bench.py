@@ -20,8 +20,7 @@ from .config import StampConfig
 from .data.readers import Normalization, load_split
 from .finetune import finetune_model
 from .meta.artifact import Generator
-from .meta.objective import class_features, hard_masks
-from .downstream import Target, build_pruned, check_budget
+from .downstream import Target, build_pruned, check_budget, stamp_masks
 from .pruning.baselines import dense_masks, random_masks
 from .measure import count_macs_params, latency_ms
 
@@ -40,15 +39,12 @@ def split_sample(data: str | Path, per_class: int, seed: int):
     return sample, (torch.cat([x[~picked], tx]), torch.cat([y[~picked], ty]))
 
 
-def method_masks(method: str, gen: Generator, sample: Target, budget: float, seed: int, device):
+def method_masks(method: str, gen: Generator, sample: Target, budget: float, seed: int):
     if method == "dense":
         return dense_masks(gen.groups)
     if method == "random":
         return random_masks(gen.groups, gen.cost, budget, seed)
-    with torch.no_grad():
-        feats = class_features(gen.backbone, Normalization.of(gen.backbone_meta)(sample.x.to(device)),
-                               sample.num_classes)
-    return hard_masks(gen.stamp, gen.cost, feats, budget)
+    return stamp_masks(gen, gen.stamp, sample, budget)
 
 
 def score_masks(cfg: StampConfig, gen: Generator, sample: Target, evaluation: tuple, masks: list[torch.Tensor],
@@ -75,7 +71,7 @@ def run_cell(cfg: StampConfig, gen: Generator, target: str, method: str, budget:
     torch.manual_seed(seed)
     sample, evaluation = split_sample(target, cfg.bench.train_per_class, seed)
     t0 = time.perf_counter()
-    masks = method_masks(method, gen, sample, budget, seed, device)
+    masks = method_masks(method, gen, sample, budget, seed)
     result = score_masks(cfg, gen, sample, evaluation, masks, seed, device, time.perf_counter() - t0)
     return {"target": Path(target).name, "method": method, "budget": budget if method != "dense" else 1.0,
             "seed": seed, **result}

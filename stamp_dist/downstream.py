@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .config import MetaConfig
 from .data.episodes import build_episode
 from .data.manifest import Manifest
 from .data.readers import Normalization, load_split
@@ -82,10 +83,17 @@ def adapt_generator(gen: Generator, target: Target, budget: float, steps: int, l
     return stamp.eval()
 
 
-def stamp_cfg(gen: Generator):
-    from .config import MetaConfig
-
+def stamp_cfg(gen: Generator) -> MetaConfig:
     return MetaConfig(**gen.info["meta"])
+
+
+def stamp_masks(gen: Generator, stamp, target: Target, budget: float, round_to: int = 1) -> list[torch.Tensor]:
+    """Encode the target sample with the frozen backbone and turn the generator's keep
+    probabilities into hard masks at ``budget``."""
+    with torch.no_grad():
+        x = Normalization.of(gen.backbone_meta)(target.x.to(next(gen.backbone.parameters()).device))
+        feats = class_features(gen.backbone, x, target.num_classes)
+    return hard_masks(stamp, gen.cost, feats, budget, round_to)
 
 
 @torch.no_grad()
@@ -142,9 +150,7 @@ def prune(generator: str | Path, data: str | Path, budget: float, out: str | Pat
     target = load_target(data, samples_per_class, gen.backbone_meta)
     target.x, target.y = target.x.to(device), target.y.to(device)
     stamp = adapt_generator(gen, target, budget, adapt_steps, adapt_lr, seed) if adapt_steps else gen.stamp
-    with torch.no_grad():
-        feats = class_features(gen.backbone, Normalization.of(gen.backbone_meta)(target.x), target.num_classes)
-    masks = hard_masks(stamp, gen.cost, feats, budget, round_to)
+    masks = stamp_masks(gen, stamp, target, budget, round_to)
     seconds = time.perf_counter() - t0
     return save_pruned_for_target(out, gen.backbone, gen.backbone_meta, gen.groups, masks, target, "stamp", budget,
                                   seconds, {"generator": str(gen.path), "adapt_steps": adapt_steps})

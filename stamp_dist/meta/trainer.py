@@ -126,7 +126,9 @@ class MetaTrainer:
             out = episode_loss(self.backbone, self.stamp, self.groups, self.cost, ep, self.norm, self.cfg.meta, rng)
             (out.loss / len(episodes)).backward()
             outs.append(out)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.stamp.parameters(), self.cfg.meta.grad_clip)
+        # Clip what the optimizer trains (the backbone too with meta.learn_backbone), as DeepSpeed does.
+        trained = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, self.cfg.meta.grad_clip)
         self.optimizer.step()
         self.step += 1
         return summarize(outs, episodes) | {"grad_norm": float(grad_norm)}
