@@ -1,114 +1,408 @@
-"""Compare pruning methods on held-out targets at the same budget, fine-tuning and data.
+"""`stamp bench`: every pruning method side by side, at the same budget, data and fine-tuning, on
+held-out targets. This module runs and caches the cells; ``report.py`` turns them into tables and plots.
 
-One *cell* = (target, method, budget, seed): draw ``train_per_class`` images per class from the
-target's train split (seeded), make the pruned model from the reference-pretrained backbone with
-that sample, fine-tune on the same sample, and score on every other image of the target (the
-rest of train + test). Each finished cell is cached as JSON and skipped on re-run.
+A *cell* = (target, data regime, seed, method, budget):
+
+* **Data.** The regime's *sample* is ``train_per_class`` images per class drawn (seeded) from the
+  target's train split (0 = the whole split); the *scoring set* is every other image of the target
+  (rest of train + test), at most ``bench.eval_per_class`` per class (seeded; 0 = all). The
+  one-shot pruners — STAMP's set encoder, SNIP / GraSP / Taylor — read the same *pruning batch*:
+  ``prune.samples_per_class`` random images per class of the sample; the new head of every pruned
+  model is initialised from that batch's class prototypes. Methods that train before pruning
+  (``train_prune``, ``learn_gates``) and every fine-tune use the whole sample.
+* **Methods** (``config.METHODS``): ``dense`` (no pruning: the fine-tuned reference);
+  ``random`` / ``l1`` / ``snip`` / ``grasp`` / ``synflow`` / ``taylor`` / ``magnitude``
+  (``pruning/baselines.py``; scored on the reference backbone, with a prototype head for the
+  target where the score needs the target's loss); ``train_prune`` (fine-tune dense on the sample,
+  prune that model by L1, fine-tune again with the same schedule); ``learn_gates``
+  (``pruning/gates.py``); ``stamp`` (the meta-trained generator reads the pruning batch). All start
+  from the same reference-pretrained backbone (``pretrain.out``), meet the budget through the same
+  surgery path and are fine-tuned with the same schedule (``finetune.*``, the regime's epoch count)
+  and seed.
+* **Measured** per cell: top-1 on the scoring set before and after fine-tuning, params, MACs,
+  latency at batch 1 and 64 (``measure.latency_report``; once per distinct architecture per run),
+  and wall time per stage: ``masks`` (scoring / encoding / gate training), ``surgery`` (channel
+  removal + head), ``dense_finetune`` (train_prune's first fine-tune), ``finetune`` (the final one).
+  Time to the pruned model = every stage but the final fine-tune; total = all of them. STAMP's
+  meta-training is a one-off cost shared by every target and is not in any cell.
+
+Each finished cell is one JSON file under ``bench.out/<target>/tpc<N>/`` holding its *key*: the
+settings its result depends on (schedule, backbone fingerprint, generator hash for ``stamp``, gate
+settings for ``learn_gates``). A re-run skips cells whose stored key matches and re-runs the rest,
+so changing the fine-tune epochs or retraining the generator redoes exactly the cells it affects.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
+import os
+import platform
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .atomic import write_json
-from .config import StampConfig
+from .config import StampConfig, bench_regimes, to_dict
+from .data.manifest import Manifest
 from .data.readers import Normalization, load_split
+from .downstream import Target, build_pruned, stamp_masks
+from .errors import StampError
 from .finetune import finetune_model
-from .meta.artifact import Generator
-from .downstream import Target, build_pruned, check_budget, stamp_masks
-from .pruning.baselines import dense_masks, random_masks
-from .measure import count_macs_params, latency_ms
+from .measure import count_macs_params, latency_report
+from .meta.artifact import backbone_fingerprint, load_generator
+from .pruning.baselines import METHODS as SCORE_METHODS
+from .pruning.baselines import baseline_masks, dense_masks, l1_scores, uniform_ratio_masks
+from .pruning.gates import gate_masks
+from .pruning.groups import discover_groups
+from .pruning.hardmask import check_budget
+from .pruning.macs import CostModel
+from .pruning.surgery import prune_model
+from .training import pick_device
+
+NEEDS_TARGET_LOSS = ("snip", "grasp", "taylor")  # scored on the backbone with a prototype head for the target
 
 
-def split_sample(data: str | Path, per_class: int, seed: int):
-    """``per_class`` random train images per class (the sample), and all remaining images (scoring)."""
-    x, y, manifest = load_split(data, "train")
-    tx, ty, _ = load_split(data, "test")
-    gen = torch.Generator().manual_seed(seed)
-    picked = torch.zeros(len(y), dtype=torch.bool)
-    for c in range(manifest.num_classes):
-        idx = (y == c).nonzero().squeeze(1)
+@dataclass(frozen=True)
+class Cell:
+    target: str  # target dataset directory
+    train_per_class: int  # the data regime (0 = whole train split)
+    epochs: int  # fine-tune epochs of this regime
+    seed: int
+    method: str
+    budget: float  # MACs ratio; 1.0 for dense
+
+    @property
+    def target_name(self) -> str:
+        return Path(self.target).name
+
+    def path(self, out: str | Path) -> Path:
+        name = f"{self.method}_b{self.budget:g}_s{self.seed}.json"
+        return Path(out) / self.target_name / f"tpc{self.train_per_class}" / name
+
+    def label(self) -> str:
+        return (f"{self.method} | {self.target_name} | b={self.budget:g} | {regime_name(self.train_per_class)} "
+                f"| seed {self.seed}")
+
+
+def regime_name(train_per_class: int) -> str:
+    return "full data" if train_per_class == 0 else f"{train_per_class}/class"
+
+
+def plan_cells(cfg: StampConfig) -> list[Cell]:
+    """Every cell of the config, ordered target → regime → seed → method → budget."""
+    b = cfg.bench
+    regimes = bench_regimes(b)
+    epochs = list(b.epochs) if b.epochs is not None else [cfg.finetune.epochs] * len(regimes)
+    counts = list(b.seed_counts) if b.seed_counts is not None else [len(b.seeds)] * len(regimes)
+    cells = []
+    for target in b.targets:
+        for per_class, e, n in zip(regimes, epochs, counts):
+            for seed in b.seeds[:n]:
+                for method in b.methods:
+                    for budget in [1.0] if method == "dense" else b.budgets:
+                        check_budget(budget)
+                        cells.append(Cell(target, per_class, e, seed, method, float(budget)))
+    return cells
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetData:
+    path: Path
+    manifest: Manifest
+    train: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TargetData":
+        x, y, manifest = load_split(path, "train")
+        tx, ty, _ = load_split(path, "test")
+        return cls(Path(path), manifest, (x, y), (tx, ty))
+
+
+def _pick(labels: torch.Tensor, per_class: int, gen: torch.Generator) -> torch.Tensor:
+    """A bool mask choosing ``per_class`` random entries of each class (all of a smaller class)."""
+    picked = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique():
+        idx = (labels == c).nonzero().squeeze(1)
         picked[idx[torch.randperm(len(idx), generator=gen)[:per_class]]] = True
+    return picked
+
+
+def split_sample(data: TargetData, per_class: int, seed: int, eval_per_class: int = 0):
+    """The regime's sample (a class-grouped ``Target``) and the scoring set ``(images, labels)``."""
+    (x, y), (tx, ty) = data.train, data.test
+    gen = torch.Generator().manual_seed(seed)
+    picked = _pick(y, per_class, gen) if per_class else torch.ones(len(y), dtype=torch.bool)
     order = torch.argsort(y[picked], stable=True)  # class-grouped, as the set encoder expects
-    sample = Target(x[picked][order], y[picked][order], manifest, Path(data))
-    return sample, (torch.cat([x[~picked], tx]), torch.cat([y[~picked], ty]))
+    sample = Target(x[picked][order], y[picked][order], data.manifest, data.path)
+    ex, ey = torch.cat([x[~picked], tx]), torch.cat([y[~picked], ty])
+    if eval_per_class:
+        keep = _pick(ey, eval_per_class, gen)
+        ex, ey = ex[keep], ey[keep]
+    return sample, (ex, ey)
 
 
-def method_masks(method: str, gen: Generator, sample: Target, budget: float, seed: int):
-    if method == "dense":
-        return dense_masks(gen.groups)
-    if method == "random":
-        return random_masks(gen.groups, gen.cost, budget, seed)
-    return stamp_masks(gen, gen.stamp, sample, budget)
+def pruning_batch(sample: Target, per_class: int, seed: int, device: torch.device) -> Target:
+    """``per_class`` random images per class of the sample (class-grouped, equal counts), on ``device``."""
+    counts = torch.bincount(sample.y, minlength=sample.num_classes)
+    k = min(per_class, int(counts.min()))
+    if k < 1:
+        raise StampError(f"target {sample.path}: a class has no image in the sample; raise bench.train_per_class")
+    picked = _pick(sample.y, k, torch.Generator().manual_seed(seed + 1))
+    return Target(sample.x[picked].to(device), sample.y[picked].to(device), sample.manifest, sample.path)
 
 
-def score_masks(cfg: StampConfig, gen: Generator, sample: Target, evaluation: tuple, masks: list[torch.Tensor],
-                seed: int, device, seconds_to_masks: float) -> dict:
-    """Prune with ``masks``, fine-tune on the sample, score on ``evaluation``: the measured half of a cell."""
-    t0 = time.perf_counter()
-    model = build_pruned(gen.backbone, gen.backbone_meta, gen.groups, masks, sample)
-    seconds_to_prune = seconds_to_masks + time.perf_counter() - t0
-    size = gen.backbone_meta["image_size"]
-    macs, params = count_macs_params(model, (3, size, size))
-    dense_macs, dense_params = count_macs_params(gen.backbone, (3, size, size))
-    result = finetune_model(model, (sample.x, sample.y), evaluation, Normalization.of(gen.backbone_meta),
-                            cfg.finetune, seed, device)
+# --- the shared context ------------------------------------------------------------------------------
+
+
+class Bench:
+    """What every cell shares: the reference backbone with its channel groups and MACs model, the
+    generator (loaded only when ``stamp`` is compared), the targets' data, and two memos: the dense
+    fine-tune of the current (target, regime, seed) — ``dense`` and ``train_prune``'s first stage are
+    the same run — and latency per architecture."""
+
+    def __init__(self, cfg: StampConfig, device: torch.device):
+        from .pretrain import load_backbone
+
+        self.cfg, self.device = cfg, device
+        backbone, self.backbone_meta = load_backbone(cfg.pretrain.out)
+        self.backbone = backbone.to(device).eval().requires_grad_(False)
+        size = self.backbone_meta["image_size"]
+        self.input_size = (3, size, size)
+        self.groups = discover_groups(self.backbone, torch.zeros(1, *self.input_size, device=device))
+        self.cost = CostModel(self.backbone, self.groups, self.input_size)
+        self.norm = Normalization.of(self.backbone_meta)
+        self.fingerprint = backbone_fingerprint(self.backbone)
+        self.dense_macs, self.dense_params = count_macs_params(self.backbone, self.input_size)
+        self.generator, self.generator_id = None, None
+        if "stamp" in cfg.bench.methods:
+            self.generator = load_generator(cfg.meta.out, device)
+            if self.generator.info["backbone"]["fingerprint"] != self.fingerprint:
+                raise StampError(f"the generator in {cfg.meta.out} was meta-trained on another backbone than "
+                                 f"{cfg.pretrain.out}; compare methods from one backbone (re-run `stamp meta-train`)")
+            weights = (self.generator.path / "generator.safetensors").read_bytes()
+            self.generator_id = hashlib.sha256(weights).hexdigest()[:16]
+        self._data: dict[str, TargetData] = {}
+        self._dense: dict[tuple, tuple] = {}
+        self._latency: dict[tuple, dict] = {}
+
+    def data(self, target: str) -> TargetData:
+        if target not in self._data:
+            self._data[target] = TargetData.load(target)
+        return self._data[target]
+
+    def key(self, cell: Cell) -> dict:
+        """Everything the cell's result depends on (see the module docstring)."""
+        f, b = self.cfg.finetune, self.cfg.bench
+        key = {**asdict(cell), "backbone": self.fingerprint, "eval_per_class": b.eval_per_class,
+               "pruning_batch_per_class": self.cfg.prune.samples_per_class,
+               "finetune": {k: getattr(f, k) for k in ("batch_size", "lr", "momentum", "weight_decay", "augment",
+                                                       "flip")}}
+        if cell.method == "stamp":
+            key["generator"] = self.generator_id
+        if cell.method == "learn_gates":
+            m = self.cfg.meta
+            key["gates"] = {"steps": b.gate_steps, "lr": b.gate_lr, "batch": b.gate_batch, "tau": m.tau,
+                            "straight_through": m.straight_through, "prior": m.prior,
+                            "prior_weight": m.prior_weight, "budget_weight": m.budget_weight}
+        return key
+
+    def finetune(self, model: torch.nn.Module, cell: Cell, sample: Target, evaluation: tuple) -> dict:
+        return finetune_model(model, (sample.x, sample.y), evaluation, self.norm, self.cfg.finetune, cell.seed,
+                              self.device, epochs=cell.epochs)
+
+    def dense_finetune(self, cell: Cell, sample: Target, batch: Target, evaluation: tuple):
+        """The dense network with a prototype head, fine-tuned on the sample: ``(a copy of the model,
+        fine-tune result, seconds to build it)``. Run once per (target, regime, seed); only the latest
+        is kept, as cells come ordered by those."""
+        key = (cell.target, cell.train_per_class, cell.epochs, cell.seed)
+        if key not in self._dense:
+            t = time.perf_counter()
+            model = build_pruned(self.backbone, self.backbone_meta, self.groups, dense_masks(self.groups), batch)
+            seconds = time.perf_counter() - t
+            self._dense = {key: (model, self.finetune(model, cell, sample, evaluation), seconds)}
+        model, result, seconds = self._dense[key]
+        return copy.deepcopy(model), result, seconds
+
+    def latency(self, model: torch.nn.Module, kept: list[int]) -> dict:
+        """Latency depends only on the architecture (kept channels per group, head size): measured once."""
+        arch = (*kept, model.fc.out_features)
+        if arch not in self._latency:
+            self._latency[arch] = latency_report(model, self.input_size)
+        return self._latency[arch]
+
+
+# --- one cell ----------------------------------------------------------------------------------------
+
+
+def method_masks(bench: Bench, cell: Cell, sample: Target, batch: Target) -> list[torch.Tensor]:
+    """The hard keep masks of a one-shot method (everything but dense and train_prune)."""
+    m, b = cell.method, bench.cfg.bench
+    if m == "stamp":
+        gen = bench.generator
+        return stamp_masks(gen, gen.stamp, batch, cell.budget)
+    if m == "learn_gates":
+        return gate_masks(bench.backbone, bench.groups, bench.cost, bench.norm(sample.x.to(bench.device)),
+                          sample.y.to(bench.device), sample.num_classes, cell.budget, bench.cfg.meta,
+                          b.gate_steps, b.gate_lr, b.gate_batch, cell.seed)
+    if m in SCORE_METHODS:
+        model = bench.backbone
+        if m in NEEDS_TARGET_LOSS:
+            model = build_pruned(bench.backbone, bench.backbone_meta, bench.groups, dense_masks(bench.groups), batch)
+        return baseline_masks(m, model, bench.groups, bench.cost, cell.budget, bench.norm(batch.x), batch.y,
+                              cell.seed)
+    raise StampError(f"unknown bench method {m!r}")
+
+
+def pruned_model(bench: Bench, cell: Cell, sample: Target, batch: Target, evaluation: tuple):
+    """The method's pruned model, ready for the final fine-tune, and the seconds of each stage."""
+    if cell.method == "train_prune":
+        dense, result, build = bench.dense_finetune(cell, sample, batch, evaluation)
+        t = time.perf_counter()
+        masks = uniform_ratio_masks(l1_scores(dense, bench.groups), bench.cost, cell.budget)
+        t_masks = time.perf_counter() - t
+        t = time.perf_counter()
+        model = prune_model(dense, bench.groups, masks)  # keeps the fine-tuned head
+        return model, {"dense_finetune": build + result["seconds"], "masks": t_masks,
+                       "surgery": time.perf_counter() - t}
+    t = time.perf_counter()
+    masks = method_masks(bench, cell, sample, batch)
+    t_masks = time.perf_counter() - t
+    t = time.perf_counter()
+    model = build_pruned(bench.backbone, bench.backbone_meta, bench.groups, masks, batch)
+    return model, {"masks": t_masks, "surgery": time.perf_counter() - t}
+
+
+def kept_channels(model: torch.nn.Module, bench: Bench) -> list[int]:
+    """Channels left per group, read from each group's first out-member of the (pruned) model."""
+    return [_out_channels(model.get_submodule(g.name)) for g in bench.groups]
+
+
+def _out_channels(module: torch.nn.Module) -> int:
+    for attr in ("out_channels", "out_features", "num_features"):
+        if hasattr(module, attr):
+            return int(getattr(module, attr))
+    raise StampError(f"cannot read the channel count of a {type(module).__name__}")
+
+
+def run_cell(bench: Bench, cell: Cell) -> dict:
+    sample, evaluation = split_sample(bench.data(cell.target), cell.train_per_class, cell.seed,
+                                      bench.cfg.bench.eval_per_class)
+    batch = pruning_batch(sample, bench.cfg.prune.samples_per_class, cell.seed, bench.device)
+    torch.manual_seed(cell.seed)
+    if cell.method == "dense":
+        model, result, build = bench.dense_finetune(cell, sample, batch, evaluation)
+        stages = {"surgery": build}
+    else:
+        model, stages = pruned_model(bench, cell, sample, batch, evaluation)
+        result = bench.finetune(model, cell, sample, evaluation)
+    stages["finetune"] = result["seconds"]
+    macs, params = count_macs_params(model, bench.input_size)
+    kept = kept_channels(model, bench)
+    to_model = sum(v for k, v in stages.items() if k != "finetune")
     return {
+        "target": cell.target_name, "train_per_class": cell.train_per_class, "epochs": cell.epochs,
+        "method": cell.method, "budget": cell.budget, "seed": cell.seed,
         "top1": result["top1"], "top1_before_finetune": result["top1_before"],
-        "params": params, "macs": macs, "macs_ratio": macs / dense_macs, "params_ratio": params / dense_params,
-        "latency_ms_b64": latency_ms(model, (3, size, size), 64),
-        "seconds_to_prune": seconds_to_prune, "seconds_to_finetune": result["seconds"],
+        "params": params, "macs": macs, "macs_ratio": macs / bench.dense_macs,
+        "params_ratio": params / bench.dense_params, "kept": kept,
+        "latency_ms": bench.latency(model, kept),
+        "seconds": stages, "seconds_to_prune": to_model, "seconds_to_finetune": result["seconds"],
+        "seconds_total": to_model + result["seconds"],
         "train_images": len(sample.y), "eval_images": len(evaluation[1]),
+        "key": bench.key(cell),
     }
 
 
-def run_cell(cfg: StampConfig, gen: Generator, target: str, method: str, budget: float, seed: int, device) -> dict:
-    torch.manual_seed(seed)
-    sample, evaluation = split_sample(target, cfg.bench.train_per_class, seed)
-    t0 = time.perf_counter()
-    masks = method_masks(method, gen, sample, budget, seed)
-    result = score_masks(cfg, gen, sample, evaluation, masks, seed, device, time.perf_counter() - t0)
-    return {"target": Path(target).name, "method": method, "budget": budget if method != "dense" else 1.0,
-            "seed": seed, **result}
+# --- the run -----------------------------------------------------------------------------------------
 
 
-def run_bench(cfg: StampConfig, gen: Generator, device) -> list[dict]:
-    b = cfg.bench
-    out = Path(b.out)
-    cells = [(t, m, budget, s) for t in b.targets for budget in b.budgets for m in b.methods for s in b.seeds]
-    results, t0, done = [], time.perf_counter(), 0
-    for i, (target, method, budget, seed) in enumerate(cells):
-        check_budget(budget)
-        path = out / Path(target).name / f"{method}_b{budget:g}_s{seed}.json"
+@dataclass
+class BenchRun:
+    """The cells of one `stamp bench` run (cached ones included) and what the report needs besides."""
+
+    cells: list[dict]
+    groups: list[dict]  # [{"name", "channels"}] of the backbone's channel groups
+    machine: dict
+    meta_training_seconds: float | None  # the one-off STAMP cost, when the meta run recorded it
+    config: dict
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "device": str(device)}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def meta_training_seconds(meta_out: str | Path) -> float | None:
+    """Wall time of the meta-training run, from its ``metrics.jsonl`` (a cumulative ``elapsed_s`` or
+    per-step ``seconds``); None when the run did not record it."""
+    log = Path(meta_out) / "metrics.jsonl"
+    if not log.is_file():
+        return None
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    if rows and "elapsed_s" in rows[-1]:
+        return float(rows[-1]["elapsed_s"])
+    if rows and all("seconds" in r for r in rows):
+        return float(sum(r["seconds"] for r in rows))
+    return None
+
+
+def _work(cell: Cell, data: TargetData) -> float:
+    """Relative cost of a cell for the ETA: its fine-tuning images (twice for train_prune) plus a fixed
+    share for scoring and measuring."""
+    counts = data.manifest.split("train").counts
+    n = sum(counts) if cell.train_per_class == 0 else sum(min(c, cell.train_per_class) for c in counts)
+    return cell.epochs * n * (2 if cell.method == "train_prune" else 1) + 1000
+
+
+def run_bench(cfg: StampConfig, device: str | torch.device | None = None) -> BenchRun:
+    """Run (or read from the cache) every cell of ``cfg.bench``; see the module docstring."""
+    if cfg.bench.num_threads:
+        torch.set_num_threads(cfg.bench.num_threads)
+    device = pick_device(cfg.runtime.device) if device is None else torch.device(device)
+    cells = plan_cells(cfg)
+    bench = Bench(cfg, device)
+    out = Path(cfg.bench.out)
+    results: list[dict | None] = [None] * len(cells)
+    todo, stale = [], 0
+    for i, cell in enumerate(cells):
+        path = cell.path(out)
         if path.is_file():
-            results.append(json.loads(path.read_text()))
-            continue
-        result = run_cell(cfg, gen, target, method, budget, seed, device)
-        write_json(path, result)
-        results.append(result)
-        done += 1
-        eta = (time.perf_counter() - t0) / done * (len(cells) - i - 1)
-        print(f"[{i + 1}/{len(cells)}] {result['target']} {method} b={budget:g} seed={seed}: "
-              f"top-1 {result['top1']:.3f}, MACs {result['macs_ratio']:.3f} (ETA {eta:.0f} s)", flush=True)
-    return results
+            cached = json.loads(path.read_text())
+            if cached.get("key") == bench.key(cell):
+                results[i] = cached
+                continue
+            stale += 1
+        todo.append(i)
+    print(f"bench: {len(cells)} cells, {len(cells) - len(todo)} cached, {len(todo)} to run "
+          f"({stale} of them cached with other settings) → {out}", flush=True)
+    work = {i: _work(cells[i], bench.data(cells[i].target)) for i in todo}
+    remaining, done_work, t0 = sum(work.values()), 0.0, time.perf_counter()
+    for n, i in enumerate(todo, 1):
+        cell = cells[i]
+        t = time.perf_counter()
+        result = run_cell(bench, cell)
+        write_json(cell.path(out), result)
+        results[i] = result
+        done_work += work[i]
+        remaining -= work[i]
+        eta = (time.perf_counter() - t0) / done_work * remaining
+        print(f"[{n}/{len(todo)}] {cell.label()}: top-1 {result['top1']:.3f}, MACs {result['macs_ratio']:.3f}, "
+              f"{time.perf_counter() - t:.1f} s (ETA {_duration(eta)})", flush=True)
+    return BenchRun(results, [{"name": g.name, "channels": g.channels} for g in bench.groups], machine_info(device),
+                    meta_training_seconds(cfg.meta.out), to_dict(cfg))
 
 
-def summarize(results: list[dict]) -> str:
-    """A markdown table: mean ± std over seeds per (target, method, budget)."""
-    rows: dict[tuple, list[dict]] = {}
-    for r in results:
-        rows.setdefault((r["target"], r["method"], r["budget"]), []).append(r)
-    lines = ["| target | method | budget | top-1 (mean ± std) | seeds | params | MACs ratio | latency b64 (ms) "
-             "| time to prune (s) | fine-tune time (s) |", "|" + "---|" * 10]
-    for (target, method, budget), rs in rows.items():
-        acc = np.array([r["top1"] for r in rs]) * 100
-        mean = lambda k: float(np.mean([r[k] for r in rs]))  # noqa: E731
-        lines.append(f"| {target} | {method} | {budget:g} | {acc.mean():.1f} ± {acc.std():.1f} | {len(rs)} "
-                     f"| {mean('params') / 1e3:.0f}k | {mean('macs_ratio'):.3f} | {mean('latency_ms_b64'):.1f} "
-                     f"| {mean('seconds_to_prune'):.2f} | {mean('seconds_to_finetune'):.1f} |")
-    return "\n".join(lines)
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"

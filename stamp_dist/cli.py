@@ -83,11 +83,33 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
           f"({result['train_images']} training images, {result['seconds']:.1f} s)")
 
 
+def _cmd_bench(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from .bench import run_bench
+    from .report import write_report
+
+    command = " ".join(["stamp bench", *(["-c", args.config] if args.config else []), *args.overrides])
+    report = write_report(run_bench(cfg), cfg.bench.out, command)
+    print(f"report → {cfg.bench.out}/report.md ({len(report['cells'])} cells, "
+          f"{sum(map(len, report['plots'].values()))} plots)")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     cfg = _config(args)
     from .demo import run_demo
 
     run_demo(cfg)
+
+
+def _cmd_slurm_submit(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from .slurm import prepare, submit
+
+    sub = prepare(cfg, args.config, args.overrides, job=args.job, array=args.array, wait=args.wait, data=args.data,
+                  budgets=args.budget, out=args.out)
+    status = submit(sub, dry_run=args.dry_run)
+    if status:
+        raise SystemExit(status)  # the job's exit code (with --wait), or sbatch's
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     command("demo", _cmd_demo, "run the built-in demo end to end (data → pretrain → …), caching finished stages")
+    command("bench", _cmd_bench, "compare every pruning method per target, budget and data regime; write "
+            "report.md, report.json and plots to bench.out (finished cells are cached)")
 
     data = sub.add_parser("data", help="make, convert and inspect per-class shard datasets")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
@@ -133,6 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="target dataset directory")
     p.add_argument("--epochs", type=int, help="epochs (default finetune.epochs)")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
+
+    slurm = sub.add_parser("slurm", help="submit meta-training, pruning and bench jobs to SLURM (docs/SLURM.md)")
+    ssub = slurm.add_subparsers(dest="slurm_command", required=True, metavar="SLURM_COMMAND")
+    p = command("submit", _cmd_slurm_submit, "render a slurm/*.sbatch script's #SBATCH lines from the config "
+                "(section slurm) and submit it with sbatch", ssub)
+    p.add_argument("--job", choices=("meta-train", "prune", "bench"), default="meta-train",
+                   help="which slurm/*.sbatch script (default meta-train)")
+    p.add_argument("--array", help="sbatch --array spec (prune: default one task per --budget)")
+    p.add_argument("--wait", action="store_true", help="block until the job ends; exit with its exit code")
+    p.add_argument("--dry-run", action="store_true", help="print the script and the sbatch command; submit nothing")
+    p.add_argument("--data", help="prune: target dataset directory (default the first of bench.targets)")
+    p.add_argument("--budget", type=float, action="append", default=[],
+                   help="prune: MACs fraction; repeat for an array of budgets (default prune.budget)")
+    p.add_argument("--out", help="prune: output directory, one budget-<B>/ per budget "
+                   "(default <meta.out>/pruned/<target>)")
     return parser
 
 

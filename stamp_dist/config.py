@@ -10,14 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .errors import StampError
 
-METHODS = ("dense", "random", "stamp")
+# `stamp bench` methods: the dense reference, the score-based baselines of pruning/baselines.py,
+# train-then-prune, gates learned on the target (pruning/gates.py) and STAMP.
+METHODS = ("dense", "random", "l1", "snip", "grasp", "synflow", "taylor", "magnitude", "train_prune",
+           "learn_gates", "stamp")
 BACKBONES = ("convnet", "resnet20", "resnet56", "resnet18", "resnet50", "vgg19_bn")
 
 
@@ -142,7 +145,7 @@ class TrackingConfig:
 
 @dataclass
 class BenchConfig:
-    """Which targets, methods, budgets and seeds the demo (and `stamp bench`) compare."""
+    """What `stamp bench` (and the demo) compares: targets × data regimes × budgets × methods × seeds."""
 
     out: str = "runs/demo/results"
     targets: list[str] = field(default_factory=lambda: ["${data.root}/targets/digits",
@@ -150,7 +153,34 @@ class BenchConfig:
     methods: list[str] = field(default_factory=lambda: ["dense", "random", "stamp"])
     budgets: list[float] = field(default_factory=lambda: [0.25])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    train_per_class: int = 10  # images per class to prune and fine-tune on (data-scarce regime)
+    # One data regime per value: images per class of the target's train split to prune and fine-tune
+    # on; 0 = the whole train split.
+    train_per_class: Union[int, list[int]] = 10
+    epochs: Optional[list[int]] = None  # fine-tune epochs per regime, the same for every method; None = finetune.epochs
+    seed_counts: Optional[list[int]] = None  # per regime: run the first N of `seeds`; None = all of them
+    eval_per_class: int = 0  # score on at most this many held-out images per class; 0 = all not in the sample
+    gate_steps: int = 50  # learn_gates: Adam steps of the gates (+ head) on the target sample
+    gate_lr: float = 0.05
+    gate_batch: int = 32
+    num_threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+
+@dataclass
+class SlurmConfig:
+    """`stamp slurm submit`: the #SBATCH header it renders; the script bodies stay in slurm/*.sbatch."""
+
+    partition: Optional[str] = None  # None = the cluster's default partition
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    nodes: int = 1  # meta-train: Ray head on the first node, Ray workers on the others (prune: always 1)
+    cpus_per_task: int = 0  # CPUs per node for Ray / the run; 0 = the cluster's default
+    gpus_per_node: int = 0
+    mem: Optional[str] = None  # memory per node, e.g. "64G"; None = the cluster's default
+    time: str = "24:00:00"  # meta-train time limit per start; the job requeues itself and resumes
+    prune_time: str = "00:30:00"  # time limit of a prune job (each array task)
+    signal_seconds: int = 600  # USR1 this long before the limit, to checkpoint (SLURM may send it ~1 min early)
+    output: str = "${meta.out}/slurm"  # rendered scripts and job logs
+    extra: list[str] = field(default_factory=list)  # more sbatch options, verbatim, e.g. ["--constraint=a100"]
 
 
 @dataclass
@@ -165,6 +195,7 @@ class StampConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 CHOICES: dict[str, Sequence[Any]] = {
@@ -217,10 +248,35 @@ def validate(cfg: StampConfig | DictConfig) -> None:
     for budget in cfg.bench.budgets:
         if not 0 < budget <= 1:
             raise StampError(f"config key 'bench.budgets' has {budget}; budgets must be in (0, 1]")
+    _validate_regimes(cfg.bench)
     if cfg.meta.budget_min > cfg.meta.budget_max:
         raise StampError("config: meta.budget_min must not exceed meta.budget_max")
     if not 2 <= cfg.meta.n_way_min <= cfg.meta.n_way_max:
         raise StampError("config: need 2 <= meta.n_way_min <= meta.n_way_max")
+
+
+def bench_regimes(b: BenchConfig | DictConfig) -> list[int]:
+    """``bench.train_per_class`` as a list (an int is one regime)."""
+    return [b.train_per_class] if isinstance(b.train_per_class, int) else list(b.train_per_class)
+
+
+def _validate_regimes(b: BenchConfig | DictConfig) -> None:
+    regimes = bench_regimes(b)
+    if not regimes or min(regimes) < 0:
+        raise StampError(f"config key 'bench.train_per_class' is {regimes}; give images per class >= 0 (0 = all)")
+    for key in ("epochs", "seed_counts"):
+        values = getattr(b, key)
+        if values is not None and len(values) != len(regimes):
+            raise StampError(f"config key 'bench.{key}' has {len(values)} values but bench.train_per_class has "
+                             f"{len(regimes)} regimes; give one value per regime (or leave it unset)")
+        if values is not None and min(values) < 1:
+            raise StampError(f"config key 'bench.{key}' is {list(values)}; every value must be >= 1")
+    if b.seed_counts is not None and max(b.seed_counts) > len(b.seeds):
+        raise StampError(f"config key 'bench.seed_counts' asks for {max(b.seed_counts)} seeds but bench.seeds "
+                         f"has {len(b.seeds)}; add seeds or lower the count")
+    if b.gate_steps < 1 or b.gate_batch < 2 or b.eval_per_class < 0 or b.num_threads < 0:
+        raise StampError("config: need bench.gate_steps >= 1, bench.gate_batch >= 2, bench.eval_per_class >= 0 "
+                         "and bench.num_threads >= 0")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> StampConfig:

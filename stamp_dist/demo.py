@@ -1,7 +1,8 @@
 """`stamp demo`: the whole pipeline on the built-in data, one process, each stage cached.
 
-data → pretrain (reference) → meta-train (generator) → for each held-out target: prune with STAMP,
-random channels and none (dense) at the same budget → fine-tune on the same few images → table.
+data → pretrain (reference) → meta-train (generator) → for each held-out target: prune with the
+``bench.methods`` (STAMP, random channels and none — dense — by default) at the same budget →
+fine-tune on the same few images → table (`stamp bench` writes the full report with plots).
 """
 
 from __future__ import annotations
@@ -10,13 +11,12 @@ import time
 from pathlib import Path
 
 from .atomic import atomic_file, write_json
-from .bench import run_bench, summarize
+from .bench import run_bench
 from .config import StampConfig, to_dict
 from .data.demo import make_demo_data
-from .meta.artifact import load_generator
 from .meta.trainer import meta_train
 from .pretrain import pretrain
-from .training import pick_device
+from .report import summarize
 
 
 def run_demo(cfg: StampConfig) -> str:
@@ -29,8 +29,7 @@ def run_demo(cfg: StampConfig) -> str:
     stage("meta-train")
     meta_train(cfg)
     stage("prune + fine-tune on held-out targets")
-    device = pick_device(cfg.runtime.device)
-    results = run_bench(cfg, load_generator(cfg.meta.out, device), device)
+    results = run_bench(cfg).cells
     table = summarize(results)
     out = Path(cfg.bench.out)
     with atomic_file(out / "summary.md") as tmp:

@@ -184,3 +184,81 @@ def test_tp_scores_uses_given_importance():
     for g, s in zip(groups, l1_first):
         w = model.get_submodule(g.out_members[0]).weight
         assert torch.allclose(s, w.detach().abs().flatten(1).sum(1))
+
+
+# --- learn gates on the target (pruning/gates.py) --------------------------------------------------
+
+
+def _gate_setup(budget_weight=50.0):
+    from stamp_dist.config import MetaConfig
+
+    model, groups = _setup("convnet")
+    model.eval().requires_grad_(False)
+    cost = CostModel(model, groups, (3, SIZE, SIZE))
+    x, y = _batch(n=20)
+    return model, groups, cost, x, y, MetaConfig(budget_weight=budget_weight)
+
+
+def test_learned_gates_start_at_the_budget_and_train_only_gates_and_head():
+    from stamp_dist.models.generator import keep_probability
+    from stamp_dist.pruning.gates import learn_gate_logits
+
+    model, groups, cost, x, y, meta = _gate_setup()
+    state = copy.deepcopy(model.state_dict())
+    # lr 0: the logits stay at their initial value logit(√b): each channel kept with probability √b
+    logits = learn_gate_logits(model, groups, cost, x, y, 5, 0.36, meta, steps=2, lr=0.0, batch_size=8, seed=0)
+    assert all(torch.allclose(keep_probability(a), torch.full_like(a, 0.6)) for a in logits)
+    trained = learn_gate_logits(model, groups, cost, x, y, 5, 0.36, meta, steps=5, lr=0.1, batch_size=8, seed=0)
+    again = learn_gate_logits(model, groups, cost, x, y, 5, 0.36, meta, steps=5, lr=0.1, batch_size=8, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(trained, again))  # seeded
+    assert not all(torch.equal(a, b) for a, b in zip(trained, logits))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+
+
+def test_learned_gates_follow_the_budget_penalty_and_give_masks_at_the_budget():
+    from stamp_dist.models.generator import keep_probability
+    from stamp_dist.pruning.gates import gate_masks, learn_gate_logits
+
+    model, groups, cost, x, y, meta = _gate_setup(budget_weight=1e4)
+    # the initial expected ratio (√b per channel) is off the budget for this net; the penalty pulls it in
+    expected = lambda ls: float(cost.macs([keep_probability(a) for a in ls]) / cost.dense_macs)  # noqa: E731
+    start = expected(learn_gate_logits(model, groups, cost, x, y, 5, 0.2, meta, 1, 0.0, 8, 0))
+    end = expected(learn_gate_logits(model, groups, cost, x, y, 5, 0.2, meta, 60, 0.05, 8, 0))
+    assert abs(end - 0.2) < abs(start - 0.2) / 3
+    masks = gate_masks(model, groups, cost, x, y, 5, 0.2, meta, 10, 0.05, 8, 0)
+    assert [m.dtype for m in masks] == [torch.bool] * len(groups)
+    assert float(cost.macs([m.float() for m in masks])) / cost.dense_macs <= 0.2
+
+
+# --- train then prune (bench.py): L1 on the dense model fine-tuned on the target -----------------------------
+
+
+def test_train_then_prune_ranks_the_fine_tuned_weights_and_keeps_them(tiny_run):
+    from conftest import tiny_config
+    from stamp_dist import bench
+    from stamp_dist.pruning.baselines import uniform_ratio_masks
+
+    cfg = tiny_config(tiny_run, f"bench.targets=[{tiny_run}/data/targets/digits]", "bench.methods=[train_prune]")
+    b = bench.Bench(cfg, torch.device("cpu"))
+    [cell] = bench.plan_cells(cfg)
+    sample, evaluation = bench.split_sample(b.data(cell.target), cell.train_per_class, cell.seed)
+    batch = bench.pruning_batch(sample, 5, cell.seed, b.device)
+    g = b.groups[1]
+    pretrained = uniform_ratio_masks(l1_scores(b.backbone, b.groups), b.cost, cell.budget)
+    best = int(l1_scores(b.backbone, b.groups)[1].argmax())
+
+    def fine_tune(model, cell, sample, evaluation):  # a "fine-tune" that silences the pretrained ranking's best filter
+        with torch.no_grad():
+            model.get_submodule(g.name).weight[best] = 0
+        return {"seconds": 1.5, "top1": 0.5, "top1_before": 0.1}
+
+    b.finetune = fine_tune
+    model, stages = bench.pruned_model(b, cell, sample, batch, evaluation)
+    dense, _, build = b.dense_finetune(cell, sample, batch, evaluation)  # the memo: that fine-tuned model
+    assert stages["dense_finetune"] == pytest.approx(build + 1.5)
+    masks = uniform_ratio_masks(l1_scores(dense, b.groups), b.cost, cell.budget)
+    assert pretrained[1][best] and not masks[1][best]  # ranked on the fine-tuned weights
+    kept_out, kept_in = masks[1].nonzero().squeeze(1), masks[0].nonzero().squeeze(1)
+    assert torch.equal(model.get_submodule(g.name).weight, dense.get_submodule(g.name).weight[kept_out][:, kept_in])
+    assert torch.equal(model.fc.bias, dense.fc.bias)  # and the fine-tuned head is kept

@@ -11,7 +11,9 @@ spread over layers. (The cost: SNIP / GraSP / SynFlow lose the layer-wise alloca
 papers' global thresholds give.)
 
 Entry point: ``baseline_masks(method, model, groups, cost, budget, images, labels, seed)``; the
-per-channel scores alone: ``baseline_scores``. Methods (``METHODS``):
+per-channel scores alone: ``baseline_scores``. The two baselines that train on the target first live
+elsewhere: "learn gates on the target" in ``gates.py``, and "train then prune" (``l1`` below applied to
+the dense model after fine-tuning it on the target) in ``stamp_dist/bench.py``. Methods (``METHODS``):
 
 * ``random``: uniform random scores from ``seed``.
 * ``l1`` (Li et al. 2017): for each out-member conv/linear ``m`` of the group, ``n_m[c] = Σ|W_m[c]|``

@@ -1,0 +1,81 @@
+"""The "learn gates on the target" baseline: STAMP's gate model trained on the target alone.
+
+Choice (why this one): per-channel hard-concrete keep gates with free logits, trained from scratch on
+the target sample, with exactly STAMP's mask distribution and loss terms — ``hard_concrete_sample``
+at temperature ``meta.tau`` (straight-through if ``meta.straight_through``), the sparsity prior
+``meta.prior`` weighted by ``meta.prior_weight``, and the budget penalty on the expected MACs ratio
+under ``p = sigmoid(a)`` weighted by ``meta.budget_weight`` — and the same hard-mask rule
+(``budget_mask`` on ``p``). What it lacks is only what STAMP meta-learns: the set encoder and
+generator that predict the logits for a new task. (A freshly initialised STAMP generator would add
+an encoder and trunk whose input, one task embedding, is constant on a single target: free logits
+are the same model without those inert parameters.)
+
+Setting, as in a STAMP meta-training episode: the pretrained backbone is frozen in eval mode (BN
+uses its reference statistics) and masked by the gates; a linear head for the target, initialised
+from the class prototypes of the dense features, is trained jointly with the gates. Every gate logit
+starts at ``logit(√b)`` (the generator's budget offset: keeping a fraction √b of every group's
+channels costs ≈ b), so training starts at the budget. Adam, ``steps`` steps of ``batch_size``
+random images of the sample (no augmentation); the step count is a config value
+(``bench.gate_steps``), the same for every target, regime and budget.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..config import MetaConfig
+from ..meta.objective import prototype_head
+from ..models.backbones import Backbone
+from ..models.generator import budget_penalty, hard_concrete_sample, keep_probability, prior_kl
+from .groups import ChannelGroups
+from .hardmask import budget_mask, check_budget
+from .macs import CostModel
+from .masking import masked
+
+
+def learn_gate_logits(backbone: Backbone, groups: ChannelGroups, cost: CostModel, images: torch.Tensor,
+                      labels: torch.Tensor, num_classes: int, budget: float, meta: MetaConfig, steps: int,
+                      lr: float, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """Train per-channel gate logits (and a head) on ``images`` (normalised, on the backbone's device)
+    and ``labels`` (``0..num_classes-1``); returns the final logits, one ``[C_g]`` tensor per group."""
+    check_budget(budget)
+    device = images.device
+    was_training = backbone.training
+    backbone.eval()
+    root = math.sqrt(budget)
+    init = math.log(root / (1 - root)) if root < 1 else 6.0  # sigmoid(6) ≈ 0.998: b = 1 keeps everything
+    logits = [torch.full((g.channels,), init, device=device, requires_grad=True) for g in groups]
+    with torch.no_grad():
+        head = prototype_head(backbone.forward_features(images), labels, num_classes, unit_scale=True)
+    weight, bias = (head[k].clone().requires_grad_() for k in ("fc.weight", "fc.bias"))
+    opt = torch.optim.Adam([*logits, weight, bias], lr=lr)
+    rng = torch.Generator().manual_seed(seed)
+    mask_rng = torch.Generator(device=device).manual_seed(seed)
+    try:
+        for _ in range(steps):
+            idx = torch.randperm(len(labels), generator=rng)[:batch_size].to(device)
+            z = [hard_concrete_sample(a, meta.tau, generator=mask_rng, straight_through=meta.straight_through)
+                 for a in logits]
+            with masked(backbone, groups, z):
+                out = F.linear(backbone.forward_features(images[idx]), weight, bias)
+            ratio = cost.macs([keep_probability(a) for a in logits]) / cost.dense_macs
+            loss = (F.cross_entropy(out, labels[idx]) + meta.prior_weight * prior_kl(logits, meta.prior)
+                    + meta.budget_weight * budget_penalty(ratio, budget))
+            opt.zero_grad(set_to_none=True)
+            loss.backward(inputs=[*logits, weight, bias])  # never into the backbone's .grad
+            opt.step()
+    finally:
+        backbone.train(was_training)
+    return [a.detach() for a in logits]
+
+
+def gate_masks(backbone: Backbone, groups: ChannelGroups, cost: CostModel, images: torch.Tensor,
+               labels: torch.Tensor, num_classes: int, budget: float, meta: MetaConfig, steps: int, lr: float,
+               batch_size: int, seed: int) -> list[torch.Tensor]:
+    """Hard keep masks at ``budget`` from gates learned on the target (STAMP's hard-mask rule)."""
+    logits = learn_gate_logits(backbone, groups, cost, images, labels, num_classes, budget, meta, steps, lr,
+                               batch_size, seed)
+    return budget_mask([keep_probability(a) for a in logits], cost, budget)

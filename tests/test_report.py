@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from stamp_dist import report
+from stamp_dist.bench import BenchRun
+
+GROUPS = [{"name": "conv1", "channels": 4}, {"name": "layer1.0.conv1", "channels": 8}]
+
+
+def _cell(method, budget, seed, top1, target="t", regime=10, total=10.0):
+    return {"target": target, "train_per_class": regime, "epochs": 3, "method": method, "budget": budget,
+            "seed": seed, "top1": top1, "top1_before_finetune": top1 / 2, "params": 1000, "macs": 10,
+            "macs_ratio": budget, "params_ratio": budget, "kept": [2, 4] if method != "dense" else [4, 8],
+            "latency_ms": {"cpu_b1": 1.0, "cpu_b64": 8.0}, "seconds": {}, "seconds_to_prune": total / 2,
+            "seconds_to_finetune": total / 2, "seconds_total": total, "train_images": 20, "eval_images": 50}
+
+
+def _cells(stamp_acc, other_acc):
+    cells = []
+    for seed, (a, b) in enumerate(zip(stamp_acc, other_acc)):
+        cells += [_cell("dense", 1.0, seed, 0.9), _cell("random", 0.5, seed, b, total=20.0),
+                  _cell("stamp", 0.5, seed, a, total=5.0), _cell("train_prune", 0.5, seed, b, total=40.0)]
+    return cells
+
+
+def test_rows_are_mean_and_sample_std_over_seeds_in_table_order():
+    rows = report.aggregate(_cells([0.8, 0.6, 0.7], [0.5, 0.5, 0.5]))
+    assert [(r["method"], r["budget"]) for r in rows] == [("dense", 1.0), ("random", 0.5), ("stamp", 0.5),
+                                                          ("train_prune", 0.5)]
+    stamp = rows[2]
+    assert stamp["top1_mean"] == pytest.approx(0.7) and stamp["top1_std"] == pytest.approx(0.1)  # ddof = 1
+    assert stamp["seeds"] == [0, 1, 2] and stamp["kept"] == [2, 4]
+    one_seed = report.aggregate(_cells([0.8], [0.5]))
+    assert one_seed[2]["top1_std"] is None and report.beyond_noise(one_seed[2], one_seed[1]) is None
+
+
+def test_stamp_vs_best_noise_and_discrimination():
+    clear = report.aggregate(_cells([0.80, 0.81, 0.79], [0.50, 0.51, 0.49]))
+    [s] = report.stamp_vs_best(clear)
+    assert s["best_baseline"] in ("random", "train_prune") and s["delta"] == pytest.approx(0.3)
+    assert s["beyond_noise"] is True and s["stamp_rank"] == 1
+    assert report.discrimination(clear)["t"]["discriminates"] is True
+
+    noisy = report.aggregate(_cells([0.6, 0.4, 0.5], [0.55, 0.45, 0.5]))
+    d = report.discrimination(noisy)["t"]
+    assert d["discriminates"] is False
+    assert sorted(d["detail"][0]["within_noise_of_best"]) == ["random", "stamp", "train_prune"]
+
+
+def test_time_ratios_pair_cells_of_the_same_setting():
+    ratios = report.time_ratios(_cells([0.8, 0.7], [0.5, 0.5]))
+    assert ratios["train_prune"]["overall"] == pytest.approx(5 / 40)
+    assert ratios["train_prune"]["per_regime"] == {"10/class": pytest.approx(5 / 40)}
+    assert "learn_gates" not in ratios
+
+
+def test_write_report_files(tmp_path):
+    cells = _cells([0.8, 0.7], [0.5, 0.6]) + [_cell("random", 0.5, 0, 0.4, target="u", regime=0)]
+    run = BenchRun(cells, GROUPS, {"platform": "p", "cpu_count": 2, "torch": "x", "torch_threads": 1,
+                                   "device": "cpu"}, None, {"bench": {"eval_per_class": 0}, "prune": {
+                                       "samples_per_class": 10}, "pretrain": {"out": "pre"}, "meta": {"out": "m"},
+                                                              "finetune": {"batch_size": 16, "lr": 0.05,
+                                                                           "momentum": 0.9, "weight_decay": 0.0,
+                                                                           "augment": True, "flip": False}})
+    out = report.write_report(run, tmp_path, "stamp bench -c x.yaml")
+    assert json.loads((tmp_path / "report.json").read_text())["rows"] == json.loads(json.dumps(out["rows"]))
+    md = (tmp_path / "report.md").read_text()
+    assert "## t" in md and "## u" in md and "### full data" in md and "does not record its wall time" in md
+    assert "Total time of STAMP / train_prune: **0.12**" in md
+    assert set(out["plots"]["keep_ratio"]) == {"plots/keep_ratio_t.png"}  # no STAMP cells on target u
+    assert all((tmp_path / p).is_file() for names in out["plots"].values() for p in names)
+    assert "| t | stamp | 10/class | 0.5 | 75.0 ± 7.1 | 2 |" in report.summarize(cells)
+
+
+def test_overview_has_a_column_per_method_and_marks_the_best():
+    table = report.overview_table(report.aggregate(_cells([0.8, 0.7], [0.5, 0.6])))
+    header, _, line = table.splitlines()
+    assert header == "| target | regime | budget | dense | random | stamp | train_prune |"
+    assert line == "| t | 10/class | 0.5 | 90.0 ± 0.0 | 55.0 ± 7.1 | **75.0 ± 7.1** | 55.0 ± 7.1 |"
+    before = report.overview_table(report.aggregate(_cells([0.8, 0.7], [0.5, 0.6])), before_finetune=True)
+    assert before.splitlines()[2] == "| t | 10/class | 0.5 | 45.0 | 27.5 | **37.5** | 27.5 |"
