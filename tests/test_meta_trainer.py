@@ -1,9 +1,11 @@
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
+from stamp_dist.errors import StampError
 from stamp_dist.meta.artifact import GeneratorStore, load_generator, resolve
 from stamp_dist.meta.trainer import MetaTrainer, meta_train
 
@@ -41,6 +43,13 @@ def test_resume_equals_uninterrupted_run(tiny_run, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_with_another_generator_shape_is_refused(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    meta_train(tiny_config(tiny_run, f"meta.out={run}", "meta.steps=1"))
+    with pytest.raises(StampError, match="another shape.*new meta.out"):
+        meta_train(tiny_config(tiny_run, f"meta.out={run}", "meta.steps=2", "meta.channel_stats=false"))
 
 
 def test_store_keeps_last_k_and_best(tmp_path):

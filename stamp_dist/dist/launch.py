@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..atomic import read_json
 from ..config import RuntimeConfig, StampConfig, from_dict, to_dict
-from ..data.episodes import split_classes
+from ..data.episodes import split_classes, task_families
 from ..data.manifest import Manifest
 from ..meta.artifact import GeneratorStore
 from .learner import deepspeed_config
@@ -140,7 +140,9 @@ def _fit(cfg: StampConfig) -> None:
     from .worker import train_loop
 
     m, r = cfg.meta, cfg.runtime
-    train_classes, val_classes = split_classes(Manifest.load(cfg.data.reference).num_classes, m.val_classes, m.seed)
+    manifest = Manifest.load(cfg.data.reference)
+    train_classes, val_classes = split_classes(manifest.num_classes, m.val_classes, m.seed)
+    families = task_families(m.task_families, manifest, train_classes, m.n_way_min)
     started = start_ray(r, local_cpus(r))
     _warn_if_short(r, min(r.sampler_actors, len(train_classes)))
     tag = f"{Path(m.out).name}-{uuid.uuid4().hex[:8]}"  # actor names unique per launch: a dead launch's may linger
@@ -151,7 +153,7 @@ def _fit(cfg: StampConfig) -> None:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": to_dict(cfg), "samplers": samplers, "aggregator": aggregator,
-                           "train_classes": train_classes, "val_classes": val_classes},
+                           "train_classes": train_classes, "families": families, "val_classes": val_classes},
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_worker} | ({"GPU": 1} if r.use_gpu else {})),

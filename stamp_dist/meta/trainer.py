@@ -17,9 +17,10 @@ import torch
 
 from ..checkpoint import load_state, save_state
 from ..config import MetaConfig, StampConfig, to_dict
-from ..data.episodes import ClassPool, Episode, EpisodeSampler, split_classes
+from ..data.episodes import ClassPool, Episode, EpisodeSampler, split_classes, task_families
 from ..data.manifest import Manifest
 from ..data.readers import Normalization
+from ..errors import StampError
 from ..models.backbones import Backbone
 from ..progress import progress
 from ..pruning.groups import ChannelGroups, discover_groups
@@ -108,8 +109,9 @@ class MetaTrainer:
         manifest = Manifest.load(cfg.data.reference)
         train_classes, self.val_classes = split_classes(manifest.num_classes, m.val_classes, m.seed)
         pool = ClassPool(cfg.data.reference, "train", seed=m.seed, manifest=manifest)
+        families = task_families(m.task_families, manifest, train_classes, m.n_way_min)
         self.sampler = EpisodeSampler(pool, train_classes, m.n_way_min, m.n_way_max, m.k_shot, m.q_query,
-                                      m.budget_min, m.budget_max, seed=m.seed)
+                                      m.budget_min, m.budget_max, m.seed, families, m.family_tasks)
         self.store = GeneratorStore(self.out, keep=m.keep_last)
         self.step = 0
         self._val_episodes: list[Episode] | None = None
@@ -153,7 +155,12 @@ class MetaTrainer:
 
     def load(self, state: dict) -> None:
         self.step = state["step"]
-        self.stamp.load_state_dict(state["stamp"])
+        try:
+            self.stamp.load_state_dict(state["stamp"])
+        except RuntimeError as e:
+            raise StampError(f"the checkpoint in {self.out} holds a generator of another shape than meta.* in this "
+                             f"config describes ({str(e).splitlines()[1].strip()}); resume with the config it was "
+                             "started with, or choose a new meta.out") from None
         self.optimizer.load_state_dict(state["optimizer"])
         if state["backbone"]:
             self.backbone.load_state_dict(state["backbone"])
@@ -183,7 +190,7 @@ class MetaTrainer:
             metrics = self.meta_step(episodes)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['query_acc']:.2f}",
-                            ratio=f"{metrics['expected_ratio']:.2f}/{metrics['budget']:.2f}")
+                            ratio=f"{metrics['expected_ratio']:.2f}/{metrics['budget']:.2f}", refresh=False)
             if self.step % m.val_every == 0 or self.step == m.steps:
                 metrics |= self.validate()
                 metrics["data_wait_fraction"] = wait / (time.perf_counter() - t0)
