@@ -25,6 +25,7 @@ from ..models.backbones import Backbone
 from ..progress import progress
 from ..pruning.groups import ChannelGroups, discover_groups
 from ..pruning.macs import CostModel
+from ..signals import stop_requests
 from ..training import pick_device
 from .artifact import GeneratorStore, save_generator
 from .objective import EpisodeOutput, Stamp, episode_loss, episode_rng, validate_episode
@@ -183,6 +184,15 @@ class MetaTrainer:
         log = self.out / "metrics.jsonl"
         bar = progress(total=m.steps, initial=self.step, desc="meta-train", unit="step")
         t0, wait = time.perf_counter(), 0.0
+        with stop_requests() as stop:
+            self._loop(bar, log, t0, wait, stop)
+        bar.close()
+        if self.step < m.steps:
+            print(f"meta-train: stopped at step {self.step} with a checkpoint; run the same command to resume")
+        return self.store.root
+
+    def _loop(self, bar, log: Path, t0: float, wait: float, stop) -> None:
+        m = self.cfg.meta
         while self.step < m.steps:
             t = time.perf_counter()
             episodes = [self.sampler.sample() for _ in range(m.meta_batch)]
@@ -197,12 +207,12 @@ class MetaTrainer:
                 self.publish(metrics)
                 bar.write(f"step {self.step}: val_acc {metrics['val_acc']:.3f} "
                           f"(hard masks, max |ratio-b| {metrics['val_ratio_error']:.3f})")
-            if self.step % m.checkpoint_every == 0 or self.step == m.steps:
+            if self.step % m.checkpoint_every == 0 or self.step == m.steps or stop.is_set():
                 save_state(self.out / "checkpoint", self.state())
             with open(log, "a") as f:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
-        bar.close()
-        return self.store.root
+            if stop.is_set():
+                return
 
 
 def meta_train(cfg: StampConfig) -> Path:
