@@ -81,6 +81,9 @@ class MetaConfig:
     encoder_heads: int = 4
     encoder_inducing: int = 16
     generator_hidden: int = 128
+    task_families: str = "none"  # none | name_tokens | families.json: see data/episodes.py task_families
+    family_tasks: float = 0.5  # fraction of meta-training tasks drawn inside one family (when there are families)
+    channel_stats: bool = True  # the generator also reads per-channel statistics of the set (meta/set_inputs.py)
     val_every: int = 50
     val_tasks: int = 20
     val_classes: int = 8  # reference classes held out from meta-training for meta-validation
@@ -249,6 +252,8 @@ def validate(cfg: StampConfig | DictConfig) -> None:
         if not 0 < budget <= 1:
             raise StampError(f"config key 'bench.budgets' has {budget}; budgets must be in (0, 1]")
     _validate_regimes(cfg.bench)
+    if not 0 <= cfg.meta.family_tasks <= 1:
+        raise StampError(f"config key 'meta.family_tasks' is {cfg.meta.family_tasks}; it must be in [0, 1]")
     if cfg.meta.budget_min > cfg.meta.budget_max:
         raise StampError("config: meta.budget_min must not exceed meta.budget_max")
     if not 2 <= cfg.meta.n_way_min <= cfg.meta.n_way_max:

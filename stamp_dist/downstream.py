@@ -22,7 +22,8 @@ from .data.readers import Normalization, load_split
 from .errors import StampError
 from .measure import count_macs_params, latency_ms
 from .meta.artifact import Generator, load_generator
-from .meta.objective import class_features, episode_loss, hard_masks, prototype_head
+from .meta.objective import episode_loss, hard_masks, prototype_head
+from .meta.set_inputs import read_set
 from .models.backbones import Backbone
 from .pruning.groups import ChannelGroups
 from .pruning.hardmask import check_budget
@@ -88,12 +89,10 @@ def stamp_cfg(gen: Generator) -> MetaConfig:
 
 
 def stamp_masks(gen: Generator, stamp, target: Target, budget: float, round_to: int = 1) -> list[torch.Tensor]:
-    """Encode the target sample with the frozen backbone and turn the generator's keep
+    """Read the target sample with the frozen backbone and turn the generator's keep
     probabilities into hard masks at ``budget``."""
-    with torch.no_grad():
-        x = Normalization.of(gen.backbone_meta)(target.x.to(next(gen.backbone.parameters()).device))
-        feats = class_features(gen.backbone, x, target.num_classes)
-    return hard_masks(stamp, gen.cost, feats, budget, round_to)
+    x = Normalization.of(gen.backbone_meta)(target.x.to(next(gen.backbone.parameters()).device))
+    return hard_masks(stamp, gen.cost, read_set(gen.backbone, gen.groups, x, target.num_classes), budget, round_to)
 
 
 @torch.no_grad()

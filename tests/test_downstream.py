@@ -50,7 +50,7 @@ def test_python_api_with_adaptation(tiny_generator, digits, tmp_path):
 def test_keep_probabilities_depend_on_the_target_not_on_sample_order(tiny_generator, tiny_run):
     from stamp_dist.downstream import load_target
     from stamp_dist.meta.artifact import load_generator
-    from stamp_dist.meta.objective import class_features
+    from stamp_dist.meta.set_inputs import read_set
     from stamp_dist.models.generator import keep_probability
 
     gen = load_generator(tiny_generator)
@@ -58,9 +58,9 @@ def test_keep_probabilities_depend_on_the_target_not_on_sample_order(tiny_genera
 
     def probs(target, order=None):
         x = target.x if order is None else target.x.view(target.num_classes, -1, *target.x.shape[1:])[:, order]
+        inputs = read_set(gen.backbone, gen.groups, norm(x.reshape(-1, *target.x.shape[1:])), target.num_classes)
         with torch.no_grad():
-            feats = class_features(gen.backbone, norm(x.reshape(-1, *target.x.shape[1:])), target.num_classes)
-            return torch.cat([keep_probability(a) for a in gen.stamp.eval()(feats, 0.3)])
+            return torch.cat([keep_probability(a) for a in gen.stamp.eval()(inputs, 0.3)])
 
     digits = load_target(tiny_run / "data" / "targets" / "digits", 5, gen.backbone_meta)
     shapes = load_target(tiny_run / "data" / "targets" / "synthetic_heldout", 5, gen.backbone_meta)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from stamp_dist.data.episodes import ClassPool, EpisodeSampler, split_classes
+from stamp_dist.data.episodes import ClassPool, EpisodeSampler, sample_task, split_classes, task_families
 from stamp_dist.data.shards import PerClassShardWriter
 from stamp_dist.errors import StampError
 
@@ -65,3 +65,46 @@ def test_split_classes_disjoint_and_deterministic():
     assert split_classes(20, 4, seed=3) == (train, val)
     with pytest.raises(StampError):
         split_classes(5, 4, seed=0)
+
+
+def _manifest(names):
+    from stamp_dist.data.manifest import Manifest, SplitInfo
+
+    return Manifest(classes=names, image_size=8, splits={"train": SplitInfo([1] * len(names), [[]] * len(names))})
+
+
+NAMES = ["red-disk", "red-star", "red-ring", "blue-disk", "blue-star", "blue-ring", "green-disk"]
+
+
+def test_name_token_families():
+    families = task_families("name_tokens", _manifest(NAMES), list(range(7)), n_way_min=2)
+    # red, blue (3 each), disk (3), star, ring (2 each); green has one class: no family of its own.
+    assert families == [[3, 4, 5], [0, 3, 6], [0, 1, 2], [2, 5], [1, 4]]
+    assert task_families("none", _manifest(NAMES), list(range(7)), 2) == []
+    # Only the given (meta-train) classes count, and a family must hold n_way_min of them.
+    assert task_families("name_tokens", _manifest(NAMES), [0, 1, 3, 4], n_way_min=2) == [[3, 4], [0, 3], [0, 1],
+                                                                                        [1, 4]]
+
+
+def test_json_families_and_their_errors(tmp_path):
+    path = tmp_path / "families.json"
+    path.write_text('{"warm": ["red-disk", "red-star", "green-disk"], "tiny": ["blue-ring"]}')
+    assert task_families(str(path), _manifest(NAMES), list(range(7)), n_way_min=2) == [[0, 1, 6]]
+    path.write_text('{"warm": ["red-disk", "purple-disk"]}')
+    with pytest.raises(StampError, match="purple-disk"):
+        task_families(str(path), _manifest(NAMES), list(range(7)), 2)
+    with pytest.raises(StampError, match="name_tokens"):
+        task_families(str(tmp_path / "missing.json"), _manifest(NAMES), list(range(7)), 2)
+
+
+def test_family_tasks_stay_inside_one_family():
+    families = [[0, 1, 2], [3, 4, 5]]
+    rng = np.random.default_rng(0)
+    inside = [sample_task(rng, list(range(7)), 2, 3, 0.1, 0.5, families, family_tasks=1.0)[0] for _ in range(50)]
+    assert all(set(c) <= {0, 1, 2} or set(c) <= {3, 4, 5} for c in inside)
+    mixed = [sample_task(rng, list(range(7)), 3, 3, 0.1, 0.5, families, family_tasks=0.5)[0] for _ in range(200)]
+    crossing = sum(not (set(c) <= {0, 1, 2} or set(c) <= {3, 4, 5}) for c in mixed)
+    assert 50 < crossing < 150  # about half the tasks are drawn across all classes
+    # Without families the draw is unchanged (no extra random number consumed).
+    a = sample_task(np.random.default_rng(1), list(range(7)), 2, 3, 0.1, 0.5)
+    assert a == sample_task(np.random.default_rng(1), list(range(7)), 2, 3, 0.1, 0.5, [], family_tasks=0.5)

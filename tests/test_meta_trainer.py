@@ -1,9 +1,13 @@
 import json
+import os
+import signal
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
+from stamp_dist.errors import StampError
 from stamp_dist.meta.artifact import GeneratorStore, load_generator, resolve
 from stamp_dist.meta.trainer import MetaTrainer, meta_train
 
@@ -41,6 +45,40 @@ def test_resume_equals_uninterrupted_run(tiny_run, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_stop_signal_checkpoints_then_resume_matches_uninterrupted_run(tiny_run, tmp_path, capsys):
+    """SIGUSR1 (SLURM's pre-timeout signal) after step 1 — not a checkpoint step — checkpoints there."""
+    straight = tmp_path / "straight"
+    meta_train(tiny_config(tiny_run, f"meta.out={straight}"))
+    split = tmp_path / "split"
+    trainer = MetaTrainer(tiny_config(tiny_run, f"meta.out={split}"))
+    step = trainer.meta_step
+
+    def step_then_signal(episodes):
+        out = step(episodes)
+        if trainer.step == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+
+    trainer.meta_step = step_then_signal
+    trainer.run()
+    assert "stopped at step 1 with a checkpoint" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is gone after the run
+    resumed = MetaTrainer(tiny_config(tiny_run, f"meta.out={split}"))
+    resumed.run()
+    assert "from step 1" in capsys.readouterr().out  # resumed, not restarted
+    a = load_file(str(straight / "checkpoint" / "state.safetensors"))
+    b = load_file(str(split / "checkpoint" / "state.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_with_another_generator_shape_is_refused(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    meta_train(tiny_config(tiny_run, f"meta.out={run}", "meta.steps=1"))
+    with pytest.raises(StampError, match="another shape.*new meta.out"):
+        meta_train(tiny_config(tiny_run, f"meta.out={run}", "meta.steps=2", "meta.channel_stats=false"))
 
 
 def test_store_keeps_last_k_and_best(tmp_path):

@@ -9,12 +9,14 @@ fresh random subset once a class has served its buffer ``reuse`` times over.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import read_json
 from ..errors import StampError
 from .manifest import Manifest
 from .readers import iter_class
@@ -89,9 +91,49 @@ def split_classes(num_classes: int, val_classes: int, seed: int) -> tuple[list[i
     return sorted(perm[val_classes:]), sorted(perm[:val_classes])
 
 
+def task_families(spec: str, manifest: Manifest, classes: list[int], n_way_min: int) -> list[list[int]]:
+    """Families of related classes among ``classes`` (``meta.task_families``), each a list of class ids.
+
+    A task drawn inside one family must tell apart classes that share something (a colour, a
+    superclass), so it needs other channels than a task across families: without such tasks every
+    reference task wants the same channels and the generator has no reason to look at the set.
+
+    * ``none``: no families.
+    * ``name_tokens``: classes whose names share a token (split on ``-``, ``_`` or spaces) form a
+      family: ``red-flat-disk`` belongs to ``red``, ``flat`` and ``disk``.
+    * a path to a JSON file ``{family: [class names]}`` (e.g. WordNet subtrees, as in tieredImageNet).
+
+    Families with fewer than ``n_way_min`` of ``classes``, or holding all of them, are dropped.
+    """
+    if spec == "none":
+        return []
+    if spec == "name_tokens":
+        groups: dict[str, list[int]] = {}
+        for c in classes:
+            for token in set(re.split(r"[-_ ]+", manifest.classes[c])):
+                groups.setdefault(token, []).append(c)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise StampError(f"meta.task_families is {spec!r}: not 'none', 'name_tokens' or an existing JSON file "
+                             "mapping family names to class names")
+        data = read_json(path, "task families")
+        index = {name: i for i, name in enumerate(manifest.classes)}
+        unknown = sorted({n for names in data.values() for n in names} - index.keys())
+        if unknown:
+            raise StampError(f"{path}: classes {unknown[:5]} are not in the reference dataset's manifest")
+        wanted = set(classes)
+        groups = {f: [index[n] for n in names if index[n] in wanted] for f, names in data.items()}
+    return [sorted(g) for _, g in sorted(groups.items()) if n_way_min <= len(g) < len(classes)]
+
+
 def sample_task(rng: np.random.Generator, classes: list[int], n_way_min: int, n_way_max: int,
-                budget_min: float, budget_max: float) -> tuple[list[int], float]:
-    """Which classes and which budget a task uses (cheap; decided before any image is read)."""
+                budget_min: float, budget_max: float, families: list[list[int]] = (),
+                family_tasks: float = 0.0) -> tuple[list[int], float]:
+    """Which classes and which budget a task uses (cheap; decided before any image is read).
+    With ``families``, a fraction ``family_tasks`` of tasks draws its classes inside one family."""
+    if families and rng.random() < family_tasks:
+        classes = families[int(rng.integers(len(families)))]
     n_max = min(n_way_max, len(classes))
     if n_max < 2:
         raise StampError(f"need at least 2 classes to build a task, have {len(classes)}")
@@ -116,14 +158,17 @@ class EpisodeSampler:
     """Draws tasks from a ``ClassPool`` restricted to ``classes`` (meta-train or meta-val ids)."""
 
     def __init__(self, pool: ClassPool, classes: list[int], n_way_min: int, n_way_max: int, k_shot: int,
-                 q_query: int, budget_min: float, budget_max: float, seed: int = 0):
+                 q_query: int, budget_min: float, budget_max: float, seed: int = 0,
+                 families: list[list[int]] = (), family_tasks: float = 0.0):
         self.pool, self.classes = pool, list(classes)
+        self.families, self.family_tasks = list(families), family_tasks
         self.n_way = (n_way_min, n_way_max)
         self.k_shot, self.q_query = k_shot, q_query
         self.budget = (budget_min, budget_max)
         self.rng = np.random.default_rng(seed)
 
     def sample(self) -> Episode:
-        chosen, budget = sample_task(self.rng, self.classes, *self.n_way, *self.budget)
+        chosen, budget = sample_task(self.rng, self.classes, *self.n_way, *self.budget, self.families,
+                                     self.family_tasks)
         images = [self.pool.get(c, self.k_shot + self.q_query) for c in chosen]
         return build_episode(images, chosen, self.k_shot, budget)

@@ -10,20 +10,18 @@ there. SIGTERM or SIGUSR1 (SLURM's pre-timeout signal) makes the workers checkpo
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import signal
 import sys
-import threading
 import uuid
 from pathlib import Path
 
 from ..atomic import read_json
 from ..config import RuntimeConfig, StampConfig, from_dict, to_dict
-from ..data.episodes import split_classes
+from ..data.episodes import split_classes, task_families
 from ..data.manifest import Manifest
 from ..meta.artifact import GeneratorStore
+from ..signals import stop_requests
 from .learner import deepspeed_config
 from .worker import STOP_FILE
 
@@ -76,25 +74,6 @@ def _absolute_paths(cfg: StampConfig) -> StampConfig:
     return from_dict(d)
 
 
-@contextlib.contextmanager
-def _stop_on_signals(run_dir: Path):
-    """SIGTERM / SIGUSR1 → ``STOP`` in the run directory: the workers checkpoint and end the run."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be installed from the main thread
-        return
-
-    def request_stop(signum, _frame):
-        (run_dir / STOP_FILE).touch()
-        print(f"meta-train: got {signal.Signals(signum).name}; checkpointing and stopping", file=sys.stderr, flush=True)
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def _warn_if_short(runtime: RuntimeConfig, sampler_actors: int) -> None:
     """Ray Train waits (forever) for resources it cannot get; say so up front."""
     import ray
@@ -117,7 +96,9 @@ def meta_train_ray(cfg: StampConfig) -> Path:
     out = Path(m.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / STOP_FILE).unlink(missing_ok=True)
-    with _stop_on_signals(out):  # from here on: a stop request during Ray's start-up is kept, not fatal
+    # A stop request → ``STOP`` in the run directory, which the workers check after every step. From
+    # here on, a stop request during Ray's start-up is kept, not fatal.
+    with stop_requests(lambda: (out / STOP_FILE).touch()):
         _fit(cfg)
     summary = read_json(out / "summary.json", "run summary")
     if summary["episodes_per_s"] is not None:
@@ -140,7 +121,9 @@ def _fit(cfg: StampConfig) -> None:
     from .worker import train_loop
 
     m, r = cfg.meta, cfg.runtime
-    train_classes, val_classes = split_classes(Manifest.load(cfg.data.reference).num_classes, m.val_classes, m.seed)
+    manifest = Manifest.load(cfg.data.reference)
+    train_classes, val_classes = split_classes(manifest.num_classes, m.val_classes, m.seed)
+    families = task_families(m.task_families, manifest, train_classes, m.n_way_min)
     started = start_ray(r, local_cpus(r))
     _warn_if_short(r, min(r.sampler_actors, len(train_classes)))
     tag = f"{Path(m.out).name}-{uuid.uuid4().hex[:8]}"  # actor names unique per launch: a dead launch's may linger
@@ -151,7 +134,7 @@ def _fit(cfg: StampConfig) -> None:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": to_dict(cfg), "samplers": samplers, "aggregator": aggregator,
-                           "train_classes": train_classes, "val_classes": val_classes},
+                           "train_classes": train_classes, "families": families, "val_classes": val_classes},
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_worker} | ({"GPU": 1} if r.use_gpu else {})),

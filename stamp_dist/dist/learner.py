@@ -30,7 +30,8 @@ from ..atomic import read_json, write_json
 from ..config import StampConfig
 from ..data.episodes import Episode
 from ..errors import StampError
-from ..meta.objective import class_features, episode_loss, episode_rng, hard_masks
+from ..meta.objective import episode_loss, episode_rng, hard_masks
+from ..meta.set_inputs import read_set
 from ..meta.trainer import MetaModel, summarize
 
 ENGINE_TAG = "engine"  # DeepSpeed checkpoint tag inside a Ray Train checkpoint directory
@@ -107,8 +108,8 @@ class Learner:
         per_task = []
         with self.autocast():
             for ep in episodes:
-                feats = class_features(mm.backbone, mm.norm(ep.support_x.to(self.device)), ep.n_way)
-                per_task.append([float(k.float().mean()) for k in hard_masks(mm.stamp, mm.cost, feats, ep.budget)])
+                inputs = read_set(mm.backbone, mm.groups, mm.norm(ep.support_x.to(self.device)), ep.n_way)
+                per_task.append([float(k.float().mean()) for k in hard_masks(mm.stamp, mm.cost, inputs, ep.budget)])
         return np.mean(per_task, axis=0).tolist()
 
     # --- collectives ------------------------------------------------------------------------

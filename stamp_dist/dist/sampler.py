@@ -111,8 +111,8 @@ class EpisodeStream:
     requested ``prefetch`` episodes ahead of the one being trained on."""
 
     def __init__(self, pool: SamplerPool, classes: list[int], cfg: MetaConfig, first: int, count: int,
-                 prefetch: int, start_step: int):
-        self.pool, self.classes, self.cfg = pool, list(classes), cfg
+                 prefetch: int, start_step: int, families: list[list[int]] = ()):
+        self.pool, self.classes, self.cfg, self.families = pool, list(classes), cfg, list(families)
         self.first, self.count, self.depth = first, count, count + max(0, prefetch)
         self._next = start_step * count  # position of the next episode to request, counted over this rank's share
         self._pending: deque[_Request] = deque()
@@ -121,7 +121,8 @@ class EpisodeStream:
         m = self.cfg
         step, index = divmod(position, self.count)
         chosen, budget = sample_task(task_rng(m.seed, step, self.first + index), self.classes,
-                                     m.n_way_min, m.n_way_max, m.budget_min, m.budget_max)
+                                     m.n_way_min, m.n_way_max, m.budget_min, m.budget_max, self.families,
+                                     m.family_tasks)
         return _Request(step, chosen, budget, [self.pool.request(c, m.k_shot + m.q_query) for c in chosen])
 
     def _top_up(self) -> None:

@@ -115,7 +115,8 @@ def train_loop(config: dict) -> None:
         chief.event("start", step=learner.step, resumed=resumed, world_size=learner.world)
 
     first = learner.rank * m.meta_batch  # global index of this rank's first episode in every meta-batch
-    stream = EpisodeStream(samplers, config["train_classes"], m, first, m.meta_batch, r.prefetch, learner.step)
+    stream = EpisodeStream(samplers, config["train_classes"], m, first, m.meta_batch, r.prefetch, learner.step,
+                           config["families"])
     # Throughput totals leave out the first step after a (re)start: it includes buffer fills and warm-up.
     wait_total = seconds_total = 0.0
     steady_steps, warmed_up, stopped = 0, False, False

@@ -25,19 +25,24 @@ from ..pruning.groups import ChannelGroups
 from ..pruning.hardmask import budget_mask
 from ..pruning.macs import CostModel
 from ..pruning.masking import masked
+from .set_inputs import NUM_STATS, SetInputs, read_set
 
 
 class Stamp(nn.Module):
-    """The meta-learned part: set encoder E_φ and mask generator G_ψ (the backbone stays outside)."""
+    """The meta-learned part: set encoder E_φ and mask generator G_ψ (the backbone stays outside).
+    With ``meta.channel_stats`` the generator also reads the set's per-channel statistics."""
 
     def __init__(self, feature_dim: int, group_sizes: list[int], cfg: MetaConfig):
         super().__init__()
+        self.use_stats = cfg.channel_stats
         self.encoder = SetEncoder(feature_dim, cfg.encoder_dim, cfg.encoder_heads, cfg.encoder_inducing)
-        self.generator = MaskGenerator(group_sizes, cfg.encoder_dim, cfg.generator_hidden)
+        self.generator = MaskGenerator(group_sizes, cfg.encoder_dim, cfg.generator_hidden,
+                                       channel_stats=NUM_STATS if cfg.channel_stats else 0)
 
-    def forward(self, class_features: torch.Tensor, budget: float) -> list[torch.Tensor]:
-        """Per-class features ``[N, K, D]`` and a MACs budget → per-group keep-logits."""
-        return self.generator(self.encoder(class_features), budget)
+    def forward(self, inputs: SetInputs, budget: float) -> list[torch.Tensor]:
+        """What was read from a set (:func:`read_set`) and a MACs budget → per-group keep-logits."""
+        return self.generator(self.encoder(inputs.features), budget,
+                              inputs.channel_stats if self.use_stats else None)
 
 
 @dataclass
@@ -48,12 +53,6 @@ class EpisodeOutput:
     budget_term: torch.Tensor
     accuracy: torch.Tensor
     expected_ratio: torch.Tensor
-
-
-def class_features(backbone: Backbone, x: torch.Tensor, n_way: int) -> torch.Tensor:
-    """Dense backbone features of a class-grouped support set, shaped ``[N, K, D]`` for the encoder."""
-    feats = backbone.forward_features(x)
-    return feats.view(n_way, -1, feats.shape[-1])
 
 
 def prototype_head(feats: torch.Tensor, y: torch.Tensor, n_way: int, unit_scale: bool = False) -> dict[str, torch.Tensor]:
@@ -122,9 +121,7 @@ def episode_loss(backbone: Backbone, stamp: Stamp, groups: ChannelGroups, cost: 
                  norm: Normalization, cfg: MetaConfig, generator: torch.Generator | None = None) -> EpisodeOutput:
     """The outer (meta) loss of one episode, with relaxed masks sampled from the generator."""
     sx, sy, qx, qy = _episode_tensors(episode, norm, next(stamp.parameters()).device)
-    with torch.set_grad_enabled(cfg.learn_backbone):
-        feats = class_features(backbone, sx, episode.n_way)
-    logits = stamp(feats, episode.budget)
+    logits = stamp(read_set(backbone, groups, sx, episode.n_way), episode.budget)
     z = [hard_concrete_sample(a, cfg.tau, generator=generator, straight_through=cfg.straight_through) for a in logits]
     ratio = cost.macs([keep_probability(a) for a in logits]) / cost.dense_macs
     out = adapted_logits(backbone, groups, z, sx, sy, qx, episode.n_way, cfg)
@@ -137,9 +134,9 @@ def episode_loss(backbone: Backbone, stamp: Stamp, groups: ChannelGroups, cost: 
 
 
 @torch.no_grad()
-def hard_masks(stamp: Stamp, cost: CostModel, feats: torch.Tensor, budget: float, round_to: int = 1):
+def hard_masks(stamp: Stamp, cost: CostModel, inputs: SetInputs, budget: float, round_to: int = 1):
     """Deterministic hard masks meeting ``budget`` from the generator's keep probabilities."""
-    probs = [keep_probability(a) for a in stamp(feats, budget)]
+    probs = [keep_probability(a) for a in stamp(inputs, budget)]
     return budget_mask(probs, cost, budget, round_to)
 
 
@@ -149,7 +146,8 @@ def validate_episode(backbone: Backbone, stamp: Stamp, groups: ChannelGroups, co
     inner steps; returns ``(accuracy, achieved MACs ratio)``."""
     sx, sy, qx, qy = _episode_tensors(episode, norm, next(stamp.parameters()).device)
     with torch.no_grad():
-        masks = [m.float() for m in hard_masks(stamp, cost, class_features(backbone, sx, episode.n_way), episode.budget)]
+        masks = [m.float() for m in hard_masks(stamp, cost, read_set(backbone, groups, sx, episode.n_way),
+                                               episode.budget)]
     out = adapted_logits(backbone, groups, masks, sx, sy, qx, episode.n_way, cfg).detach()
     ratio = float(cost.macs(masks) / cost.dense_macs)
     return float((out.argmax(1) == qy).float().mean()), ratio

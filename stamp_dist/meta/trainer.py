@@ -17,13 +17,15 @@ import torch
 
 from ..checkpoint import load_state, save_state
 from ..config import MetaConfig, StampConfig, to_dict
-from ..data.episodes import ClassPool, Episode, EpisodeSampler, split_classes
+from ..data.episodes import ClassPool, Episode, EpisodeSampler, split_classes, task_families
 from ..data.manifest import Manifest
 from ..data.readers import Normalization
+from ..errors import StampError
 from ..models.backbones import Backbone
 from ..progress import progress
 from ..pruning.groups import ChannelGroups, discover_groups
 from ..pruning.macs import CostModel
+from ..signals import stop_requests
 from ..training import pick_device
 from .artifact import GeneratorStore, save_generator
 from .objective import EpisodeOutput, Stamp, episode_loss, episode_rng, validate_episode
@@ -108,8 +110,9 @@ class MetaTrainer:
         manifest = Manifest.load(cfg.data.reference)
         train_classes, self.val_classes = split_classes(manifest.num_classes, m.val_classes, m.seed)
         pool = ClassPool(cfg.data.reference, "train", seed=m.seed, manifest=manifest)
+        families = task_families(m.task_families, manifest, train_classes, m.n_way_min)
         self.sampler = EpisodeSampler(pool, train_classes, m.n_way_min, m.n_way_max, m.k_shot, m.q_query,
-                                      m.budget_min, m.budget_max, seed=m.seed)
+                                      m.budget_min, m.budget_max, m.seed, families, m.family_tasks)
         self.store = GeneratorStore(self.out, keep=m.keep_last)
         self.step = 0
         self._val_episodes: list[Episode] | None = None
@@ -153,7 +156,12 @@ class MetaTrainer:
 
     def load(self, state: dict) -> None:
         self.step = state["step"]
-        self.stamp.load_state_dict(state["stamp"])
+        try:
+            self.stamp.load_state_dict(state["stamp"])
+        except RuntimeError as e:
+            raise StampError(f"the checkpoint in {self.out} holds a generator of another shape than meta.* in this "
+                             f"config describes ({str(e).splitlines()[1].strip()}); resume with the config it was "
+                             "started with, or choose a new meta.out") from None
         self.optimizer.load_state_dict(state["optimizer"])
         if state["backbone"]:
             self.backbone.load_state_dict(state["backbone"])
@@ -176,6 +184,15 @@ class MetaTrainer:
         log = self.out / "metrics.jsonl"
         bar = progress(total=m.steps, initial=self.step, desc="meta-train", unit="step")
         t0, wait = time.perf_counter(), 0.0
+        with stop_requests() as stop:
+            self._loop(bar, log, t0, wait, stop)
+        bar.close()
+        if self.step < m.steps:
+            print(f"meta-train: stopped at step {self.step} with a checkpoint; run the same command to resume")
+        return self.store.root
+
+    def _loop(self, bar, log: Path, t0: float, wait: float, stop) -> None:
+        m = self.cfg.meta
         while self.step < m.steps:
             t = time.perf_counter()
             episodes = [self.sampler.sample() for _ in range(m.meta_batch)]
@@ -183,19 +200,19 @@ class MetaTrainer:
             metrics = self.meta_step(episodes)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['query_acc']:.2f}",
-                            ratio=f"{metrics['expected_ratio']:.2f}/{metrics['budget']:.2f}")
+                            ratio=f"{metrics['expected_ratio']:.2f}/{metrics['budget']:.2f}", refresh=False)
             if self.step % m.val_every == 0 or self.step == m.steps:
                 metrics |= self.validate()
                 metrics["data_wait_fraction"] = wait / (time.perf_counter() - t0)
                 self.publish(metrics)
                 bar.write(f"step {self.step}: val_acc {metrics['val_acc']:.3f} "
                           f"(hard masks, max |ratio-b| {metrics['val_ratio_error']:.3f})")
-            if self.step % m.checkpoint_every == 0 or self.step == m.steps:
+            if self.step % m.checkpoint_every == 0 or self.step == m.steps or stop.is_set():
                 save_state(self.out / "checkpoint", self.state())
             with open(log, "a") as f:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
-        bar.close()
-        return self.store.root
+            if stop.is_set():
+                return
 
 
 def meta_train(cfg: StampConfig) -> Path:

@@ -40,6 +40,11 @@ class MaskGenerator(nn.Module):
     Every logit is offset by ``logit(√b)`` (see ``forward``), so at initialisation (per-channel bias
     ``logit(init_keep)`` = 0 by default) each channel is kept with probability ≈ √b and the expected
     MACs ratio is ≈ b: pruning starts at the budget, whatever the budget.
+
+    With ``channel_stats > 0`` the generator also reads, per channel, a vector of statistics of the
+    target set at that channel (``meta/set_inputs.py``): one small network shared by every channel
+    maps ``(stats_c, u_g)`` to a logit offset, so *how* statistics matter may depend on the group, the
+    task and the budget. Its output layer starts at zero: training begins from the plain generator.
     """
 
     def __init__(
@@ -49,6 +54,8 @@ class MaskGenerator(nn.Module):
         hidden: int = 128,
         group_embed_dim: int = 32,
         init_keep: float = 0.5,
+        channel_stats: int = 0,
+        stats_hidden: int = 32,
     ):
         super().__init__()
         if not group_sizes or min(group_sizes) < 1:
@@ -63,19 +70,35 @@ class MaskGenerator(nn.Module):
         self.readout = nn.Linear(hidden, max(self.group_sizes), bias=False)
         init_logit = math.log(init_keep / (1 - init_keep))
         self.channel_bias = nn.Parameter(torch.full((sum(self.group_sizes),), init_logit))
+        self.channel_stats = channel_stats
+        if channel_stats:
+            self.stats_in = nn.Linear(channel_stats, stats_hidden)
+            self.stats_context = nn.Linear(hidden, stats_hidden)
+            self.stats_out = nn.Linear(stats_hidden, 1)
+            nn.init.zeros_(self.stats_out.weight)
+            nn.init.zeros_(self.stats_out.bias)
         # Flat (group, channel) index of every real channel in the [G, C_max] read-out.
         group_idx = torch.cat([torch.full((c,), g) for g, c in enumerate(self.group_sizes)])
         chan_idx = torch.cat([torch.arange(c) for c in self.group_sizes])
         self.register_buffer("_group_idx", group_idx, persistent=False)
         self.register_buffer("_chan_idx", chan_idx, persistent=False)
 
-    def forward(self, r: torch.Tensor, budget: float | torch.Tensor) -> list[torch.Tensor]:
-        """``r`` [..., embed_dim], ``budget`` in (0, 1] (scalar or [...]) → list of logits [..., C_g]."""
+    def forward(self, r: torch.Tensor, budget: float | torch.Tensor,
+                channel_stats: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """``r`` [..., embed_dim], ``budget`` in (0, 1] (scalar or [...]), and with ``channel_stats > 0``
+        per-group statistics [..., C_g, S] → list of logits [..., C_g]."""
+        if bool(self.channel_stats) != (channel_stats is not None):
+            raise ValueError(f"this generator reads {self.channel_stats} channel statistics; "
+                             f"got {'none' if channel_stats is None else 'some'}")
         b = torch.as_tensor(budget, dtype=r.dtype, device=r.device).expand(r.shape[:-1]).unsqueeze(-1)
         h = self.trunk(torch.cat([r, b, b.clamp_min(1e-6).log()], dim=-1))  # [..., hidden]
         e = self.group_embed.expand(*h.shape[:-1], -1, -1)  # [..., G, E]
         u = self.group_code(torch.cat([h.unsqueeze(-2).expand(*e.shape[:-1], -1), e], dim=-1))
         logits = self.readout(u)[..., self._group_idx, self._chan_idx] + self.channel_bias  # [..., Σ C_g]
+        if channel_stats is not None:
+            stats = torch.cat(list(channel_stats), dim=-2)  # [..., Σ C_g, S]
+            context = self.stats_context(u)[..., self._group_idx, :]  # [..., Σ C_g, stats_hidden]
+            logits = logits + self.stats_out(F.gelu(self.stats_in(stats) + context)).squeeze(-1)
         # Budget prior: a conv's MACs scale with (kept in-channels)·(kept out-channels), so keeping a
         # fraction √b of every channel costs ≈ b. Offsetting every logit by logit(√b) makes the
         # expected MACs ratio track any budget from the first step; the network learns which
