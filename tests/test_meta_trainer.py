@@ -20,7 +20,7 @@ def test_run_publishes_versions_and_pointers(tiny_generator):
     assert resolve(tiny_generator).name == best["version"]  # a run directory resolves to best
     lines = [json.loads(line) for line in (tiny_generator / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
-    assert {"loss", "ce", "expected_ratio", "budget", "query_acc"} <= set(lines[0])
+    assert {"loss", "ce", "expected_ratio", "budget", "query_acc", "seconds"} <= set(lines[0])
     assert "val_acc" in lines[1] and 0 <= lines[1]["val_acc"] <= 1
 
 

@@ -328,9 +328,11 @@ def test_ray_meta_train_stops_on_usr1_requeues_resumes_then_array_prune(slurm_cl
     assert s0 < e1 and s1 < e0, f"array tasks did not overlap: {spans}"
 
 
-# The interrupted runs: local backend (resume is bit-identical), slow enough that a 1-minute time limit lands
-# mid-run: ~1.5 steps/s while the reference job shares the 2 CPUs, so 60-70 s of steps.
-STEPS = 100
+# The interrupted runs: local backend (resume is bit-identical), long enough that a 1-minute time limit lands
+# mid-run even on an idle machine: ~4 steps/s alone (~1.5 while the reference job shares the 2 CPUs), so
+# 300 steps outlast the limit. (With 100 steps an idle machine finished in 25 s, before SLURM's ~30 s
+# time-limit check sent the signal.)
+STEPS = 300
 LOCAL = [f"meta.steps={STEPS}", "meta.checkpoint_every=1", "meta.val_every=50", *SLOW_STEPS]
 LOCAL_ARGS = ["runtime.backend=local", "slurm.cpus_per_task=1"]
 

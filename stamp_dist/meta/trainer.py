@@ -209,6 +209,7 @@ class MetaTrainer:
                           f"(hard masks, max |ratio-b| {metrics['val_ratio_error']:.3f})")
             if self.step % m.checkpoint_every == 0 or self.step == m.steps or stop.is_set():
                 save_state(self.out / "checkpoint", self.state())
+            metrics["seconds"] = time.perf_counter() - t  # the step's wall time (bench reports the sum)
             with open(log, "a") as f:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
             if stop.is_set():
