@@ -4,31 +4,44 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
-import sys
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+class StopRequest:
+    """A flag a signal handler sets. Deliberately no lock (not a ``threading.Event``): a second signal
+    can interrupt the handler of the first in the same thread, and a lock held there deadlocks the
+    process — seen in CI: SLURM repeats the stop request every 2 s."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def is_set(self) -> bool:
+        return self.requested
+
+
 @contextlib.contextmanager
-def stop_requests(on_request: Callable[[], None] = lambda: None) -> Iterator[threading.Event]:
-    """Within the block, a stop signal sets the yielded event (and calls ``on_request``) instead of
-    killing the process; the previous handlers come back afterwards."""
-    requested = threading.Event()
+def stop_requests(on_request: Callable[[], None] = lambda: None) -> Iterator[StopRequest]:
+    """Within the block, a stop signal sets the yielded flag (and calls ``on_request``, which must be
+    safe to re-enter) instead of killing the process; the previous handlers come back afterwards."""
+    stop = StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        yield requested  # signal handlers can only be installed from the main thread
+        yield stop  # signal handlers can only be installed from the main thread
         return
 
     def handle(signum, _frame):
-        requested.set()
+        stop.requested = True
         on_request()
-        print(f"meta-train: got {signal.Signals(signum).name}; checkpointing and stopping", file=sys.stderr, flush=True)
+        # os.write, not print: the handler can run inside a write to stderr, whose buffer lock is then held.
+        os.write(2, f"meta-train: got {signal.Signals(signum).name}; checkpointing and stopping\n".encode())
 
     previous = {s: signal.signal(s, handle) for s in STOP_SIGNALS}
     try:
-        yield requested
+        yield stop
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

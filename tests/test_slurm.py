@@ -57,6 +57,8 @@ def slurm_cluster(tmp_path_factory):
     # this checkout, use one thread each (two jobs share the 2 CI cores) and not contact wandb.
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+            # a local run stops within one step (~0.3 s here); kill one that hangs well before the time limit
+            "STAMP_STOP_GRACE": "15",
             # Ray Train's controller polls workers every 2 s and a checkpointing step waits for it (toy steps here)
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     started = (state / "started").read_text().split()
