@@ -25,7 +25,7 @@ from ..models.backbones import Backbone
 from ..progress import progress
 from ..pruning.groups import ChannelGroups, discover_groups
 from ..pruning.macs import CostModel
-from ..signals import stop_requests
+from ..signals import StopRequest, stop_requests
 from ..training import pick_device
 from .artifact import GeneratorStore, save_generator
 from .objective import EpisodeOutput, Stamp, episode_loss, episode_rng, validate_episode
@@ -183,16 +183,16 @@ class MetaTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         log = self.out / "metrics.jsonl"
         bar = progress(total=m.steps, initial=self.step, desc="meta-train", unit="step")
-        t0, wait = time.perf_counter(), 0.0
         with stop_requests() as stop:
-            self._loop(bar, log, t0, wait, stop)
+            self._loop(bar, log, stop)
         bar.close()
         if self.step < m.steps:
             print(f"meta-train: stopped at step {self.step} with a checkpoint; run the same command to resume")
         return self.store.root
 
-    def _loop(self, bar, log: Path, t0: float, wait: float, stop) -> None:
+    def _loop(self, bar, log: Path, stop: StopRequest) -> None:
         m = self.cfg.meta
+        t0, wait = time.perf_counter(), 0.0
         while self.step < m.steps:
             t = time.perf_counter()
             episodes = [self.sampler.sample() for _ in range(m.meta_batch)]
