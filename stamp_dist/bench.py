@@ -203,8 +203,8 @@ class Bench:
         f, b = self.cfg.finetune, self.cfg.bench
         key = {**asdict(cell), "backbone": self.fingerprint, "eval_per_class": b.eval_per_class,
                "pruning_batch_per_class": self.cfg.prune.samples_per_class,
-               "finetune": {k: getattr(f, k) for k in ("batch_size", "lr", "momentum", "weight_decay", "augment",
-                                                       "flip")}}
+               "finetune": {k: getattr(f, k) for k in ("batch_size", "lr", "backbone_lr", "momentum", "weight_decay",
+                                                       "augment", "flip")}}
         if cell.method == "stamp":
             key["generator"] = self.generator_id
         if cell.method == "learn_gates":

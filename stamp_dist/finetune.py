@@ -22,7 +22,7 @@ def finetune_model(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tens
     before = evaluate(model, *evaluation, norm, 2 * cfg.batch_size, device)
     t = time.perf_counter()
     history = fit(model, (*train, norm), None, epochs, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size,
-                  seed, device, augment=cfg.augment, flip=cfg.flip, desc="fine-tune")
+                  seed, device, augment=cfg.augment, flip=cfg.flip, desc="fine-tune", backbone_lr=cfg.backbone_lr)
     seconds = time.perf_counter() - t
     top1 = evaluate(model, *evaluation, norm, 2 * cfg.batch_size, device)
     return {"top1": top1, "top1_before": before, "seconds": seconds, "epochs": epochs,

@@ -79,7 +79,7 @@ def pretrain(cfg) -> Path:
     meta = {"backbone": cfg.model.backbone, "width": cfg.model.width, "num_classes": manifest.num_classes,
             "classes": manifest.classes, "image_size": manifest.image_size, "mean": manifest.mean, "std": manifest.std,
             "reference": str(cfg.data.reference), "epochs": pc.epochs, "test_top1": top1, "history": history,
-            "seed": pc.seed, "device": str(device), "wall_seconds": round(time.perf_counter() - t0, 1),
+            "seed": pc.seed, "device": str(device), "wall_seconds": round(time.perf_counter() - t0, 3),
             "train_seconds": round(sum(h["seconds"] for h in history), 1), "run": key}
     save_backbone(out, model, meta)
     print(f"pretrained {cfg.model.backbone}: held-out top-1 {top1:.4f} after {pc.epochs} epochs "

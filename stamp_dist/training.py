@@ -140,18 +140,22 @@ def fit(model: nn.Module, train: Split, test: Split | None, epochs: int, lr: flo
         weight_decay: float, batch_size: int, seed: int, device: torch.device,
         on_epoch: Callable[[dict], None] | None = None, augment: bool = True, flip: bool = True,
         checkpoint_dir: str | Path | None = None, checkpoint_meta: dict | None = None,
-        desc: str = "train") -> list[dict]:
+        desc: str = "train", backbone_lr: float = 1.0) -> list[dict]:
     """Train ``model`` for ``epochs`` epochs; returns the per-epoch history (a list of metric dicts).
 
     With ``checkpoint_dir`` the state is saved after every epoch and a later call resumes from the
     last finished one. ``checkpoint_meta`` (JSON-able) must match the saved run's to resume; the
-    cosine schedule follows the current ``epochs``, so a finished run can be extended."""
+    cosine schedule follows the current ``epochs``, so a finished run can be extended.
+    ``backbone_lr`` scales the learning rate of every parameter but the head (``model.fc``)."""
     images, labels, norm = train
     model.to(device, memory_format=torch.channels_last)  # NHWC convolutions: ~25% faster on CPU (oneDNN) and GPU
     steps_per_epoch = sum(1 for s in range(0, len(labels), batch_size) if len(labels) - s >= 2)
     total_steps = max(epochs * steps_per_epoch, 1)
     cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))  # noqa: E731
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    head = {id(p) for p in model.fc.parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in head], "lr": lr * backbone_lr},
+              {"params": list(model.fc.parameters()), "lr": lr}]
+    opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     generator = torch.Generator().manual_seed(seed)
     start, history = 0, []
@@ -163,7 +167,7 @@ def fit(model: nn.Module, train: Split, test: Split | None, epochs: int, lr: flo
             raise StampError(f"checkpoint {ckpt} has {start} epochs, more than the {epochs} asked for; "
                              "remove it or ask for at least that many epochs")
         for group in opt.param_groups:  # re-derive the LR in case ``epochs`` (the schedule's length) changed
-            group["lr"] = lr * cosine(scheduler.last_epoch)
+            group["lr"] = group["initial_lr"] * cosine(scheduler.last_epoch)
         print(f"{desc}: resuming from {ckpt} after epoch {start}", file=sys.stderr)
 
     bar = progress(total=epochs * len(labels), initial=start * len(labels), desc=desc, unit="img", unit_scale=True)
