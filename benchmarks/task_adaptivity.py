@@ -89,6 +89,11 @@ def reference_tasks_paired(cfg, gen, norm, constant_stamp, constant_inputs, task
     return np.array(diffs)
 
 
+def sem(d: np.ndarray) -> float:
+    """Standard error of the mean of paired differences."""
+    return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a & b).sum() / (a | b).sum())
 
@@ -96,6 +101,8 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default="configs/demo.yaml")
+    parser.add_argument("--reference-tasks", type=int, default=60,
+                        help="held-out reference tasks for the paired comparison (more → smaller s.e.m.)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
@@ -136,7 +143,7 @@ def main() -> None:
                   f"(prototype head before fine-tuning {result['top1_before_finetune']:.4f}; "
                   f"{time.perf_counter() - t0:.0f} s)", flush=True)
 
-    paired = reference_tasks_paired(cfg, gen, norm, constant_stamp, constant_inputs)
+    paired = reference_tasks_paired(cfg, gen, norm, constant_stamp, constant_inputs, args.reference_tasks)
     r_a, r_b = embedding(gen, inputs[(t_a, s0)]), embedding(gen, inputs[(t_b, s0)])
     print(f"\nbudget {budget}; per-group Jaccard of kept channels, {Path(t_a).name} vs {Path(t_b).name} "
           f"(seed {s0} samples): " + ", ".join(f"{j:.2f}" for j in per_group) + f"  (mean {np.mean(per_group):.3f})")
@@ -145,7 +152,7 @@ def main() -> None:
     print("mean Jaccard with the constant-input masks: " + ", ".join(f"{k} {v:.3f}" for k, v in to_constant.items()))
     print(f"task embedding distance {Path(t_a).name}↔{Path(t_b).name}: {float((r_a - r_b).norm()):.3f}")
     print(f"held-out reference tasks ({len(paired)}, hard masks, no fine-tuning): set-conditioned minus constant "
-          f"input {100 * paired.mean():+.1f} ± {100 * paired.std() / np.sqrt(len(paired)):.1f} points (s.e.m.)")
+          f"input {100 * paired.mean():+.1f} ± {100 * sem(paired):.1f} points (s.e.m.)")
     print("\n| target | generator input | top-1 after fine-tuning | top-1 before (prototype head) | seeds |\n"
           "|---|---|---|---|---|")
     summary = []
@@ -158,6 +165,16 @@ def main() -> None:
                             "before_mean": before.mean(), "before_std": before.std()})
             print(f"| {Path(target).name} | {variant} | {100 * acc.mean():.1f} ± {100 * acc.std():.1f} "
                   f"| {100 * before.mean():.1f} ± {100 * before.std():.1f} | {len(acc)} |")
+        # Both variants share each seed's sample and fine-tuning run order, so compare them per seed.
+        diff = {k: np.array([a[k] - b[k] for a, b in zip(*(
+            [r for r in rows if r["target"] == Path(target).name and r["variant"] == v]
+            for v in ("set-conditioned", "constant input")))]) for k in ("top1", "top1_before_finetune")}
+        summary.append({"target": Path(target).name, "variant": "set minus constant (paired by seed)",
+                        "mean": diff["top1"].mean(), "sem": sem(diff["top1"]),
+                        "before_mean": diff["top1_before_finetune"].mean(), "before_sem": sem(diff["top1_before_finetune"])})
+        print(f"| {Path(target).name} | set − constant, paired by seed | {100 * diff['top1'].mean():+.1f} ± "
+              f"{100 * sem(diff['top1']):.1f} (s.e.m.) | {100 * diff['top1_before_finetune'].mean():+.1f} ± "
+              f"{100 * sem(diff['top1_before_finetune']):.1f} (s.e.m.) | {len(diff['top1'])} |")
     write_json(Path(cfg.bench.out) / "ablation.json",
                {"budget": budget, "jaccard_per_group": per_group, "jaccard_same_target": same_target,
                 "jaccard_to_constant": to_constant, "reference_tasks_paired_diff": paired.tolist(),

@@ -99,13 +99,18 @@ class MaskGenerator(nn.Module):
             stats = torch.cat(list(channel_stats), dim=-2)  # [..., Σ C_g, S]
             context = self.stats_context(u)[..., self._group_idx, :]  # [..., Σ C_g, stats_hidden]
             logits = logits + self.stats_out(F.gelu(self.stats_in(stats) + context)).squeeze(-1)
-        # Budget prior: a conv's MACs scale with (kept in-channels)·(kept out-channels), so keeping a
-        # fraction √b of every channel costs ≈ b. Offsetting every logit by logit(√b) makes the
-        # expected MACs ratio track any budget from the first step; the network learns which
-        # channels deviate from that prior for a given task.
-        root = b.clamp(1e-6, 1 - 1e-6).sqrt()
-        logits = logits + (root.log() - (-root).log1p())
+        logits = logits + budget_offset(b)
         return list(logits.split(self.group_sizes, dim=-1))
+
+
+def budget_offset(b: torch.Tensor) -> torch.Tensor:
+    """``logit(√b)``, the budget prior added to every keep-logit.
+
+    A conv's MACs scale with (kept in-channels)·(kept out-channels), so keeping a fraction √b of every
+    channel costs ≈ b: with this offset the expected MACs ratio tracks any budget from the first step,
+    and what is learned is which channels deviate from that prior for a given task."""
+    root = b.clamp(1e-6, 1 - 1e-6).sqrt()
+    return root.log() - (-root).log1p()
 
 
 def hard_concrete_sample(

@@ -21,15 +21,13 @@ random images of the sample (no augmentation); the step count is a config value
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from ..config import MetaConfig
 from ..meta.objective import prototype_head
 from ..models.backbones import Backbone
-from ..models.generator import budget_penalty, hard_concrete_sample, keep_probability, prior_kl
+from ..models.generator import budget_offset, budget_penalty, hard_concrete_sample, keep_probability, prior_kl
 from .groups import ChannelGroups
 from .hardmask import budget_mask, check_budget
 from .macs import CostModel
@@ -45,8 +43,7 @@ def learn_gate_logits(backbone: Backbone, groups: ChannelGroups, cost: CostModel
     device = images.device
     was_training = backbone.training
     backbone.eval()
-    root = math.sqrt(budget)
-    init = math.log(root / (1 - root)) if root < 1 else 6.0  # sigmoid(6) ≈ 0.998: b = 1 keeps everything
+    init = float(budget_offset(torch.tensor(budget, dtype=torch.float64)))
     logits = [torch.full((g.channels,), init, device=device, requires_grad=True) for g in groups]
     with torch.no_grad():
         head = prototype_head(backbone.forward_features(images), labels, num_classes, unit_scale=True)
