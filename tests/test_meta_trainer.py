@@ -74,6 +74,27 @@ def test_stop_signal_checkpoints_then_resume_matches_uninterrupted_run(tiny_run,
         assert torch.equal(a[k], b[k]), k
 
 
+def test_diverged_loss_stops_before_the_optimizer_step(tiny_run, tmp_path, monkeypatch):
+    """A NaN outer loss at step 3 → StampError naming the step and the fix; the step-2 checkpoint stays."""
+    from stamp_dist.meta import trainer as trainer_module
+
+    run = tmp_path / "run"
+    meta_train(tiny_config(tiny_run, f"meta.out={run}", "meta.steps=2"))
+    saved = load_file(str(run / "checkpoint" / "state.safetensors"))
+    real = trainer_module.episode_loss
+
+    def nan_loss(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_module, "episode_loss", nan_loss)
+    with pytest.raises(StampError, match="diverged at step 3.*meta.inner_lr"):
+        meta_train(tiny_config(tiny_run, f"meta.out={run}"))
+    after = load_file(str(run / "checkpoint" / "state.safetensors"))
+    assert all(torch.equal(saved[k], after[k]) for k in saved)
+
+
 def test_resume_with_another_generator_shape_is_refused(tiny_run, tmp_path):
     run = tmp_path / "run"
     meta_train(tiny_config(tiny_run, f"meta.out={run}", "meta.steps=1"))

@@ -30,7 +30,7 @@ from ..atomic import read_json, write_json
 from ..config import StampConfig
 from ..data.episodes import Episode
 from ..errors import StampError
-from ..meta.objective import episode_loss, episode_rng, hard_masks
+from ..meta.objective import check_finite, episode_loss, episode_rng, hard_masks
 from ..meta.set_inputs import read_set
 from ..meta.trainer import MetaModel, summarize
 
@@ -89,6 +89,7 @@ class Learner:
             rng = episode_rng(m.seed, self.step, first_index + j, self.device)
             with self.autocast():
                 out = episode_loss(mm.backbone, mm.stamp, mm.groups, mm.cost, ep, mm.norm, m, rng)
+            check_finite(out, self.step)
             self.engine.backward(out.loss)
             self.engine.step()  # updates only after the last episode (the accumulation boundary)
             outs.append(out)

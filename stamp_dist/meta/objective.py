@@ -18,6 +18,7 @@ from torch.func import functional_call
 from ..config import MetaConfig
 from ..data.episodes import Episode
 from ..data.readers import Normalization
+from ..errors import StampError
 from ..models.backbones import Backbone
 from ..models.generator import MaskGenerator, budget_penalty, hard_concrete_sample, keep_probability, prior_kl
 from ..models.set_encoder import SetEncoder
@@ -94,7 +95,9 @@ def adapted_logits(backbone: Backbone, groups: ChannelGroups, masks: list[torch.
 
     with masked(backbone, groups, masks):
         fs = backbone.forward_features(sx)
-        head = prototype_head(fs, sy, n_way)
+        # Unscaled prototype logits are in the hundreds: fine for steps on the head alone, but their
+        # gradients through the whole backbone diverged to NaN within 3 meta-steps (demo, inner_lr 0.1).
+        head = prototype_head(fs, sy, n_way, unit_scale=cfg.adapt_backbone)
         if not cfg.adapt_backbone:
             # Head-only adaptation: masked features stay fixed across inner steps, so compute them once.
             head = inner_loop(head, head_loss, cfg.inner_steps, cfg.inner_lr, cfg.first_order)
@@ -131,6 +134,15 @@ def episode_loss(backbone: Backbone, stamp: Stamp, groups: ChannelGroups, cost: 
     loss = ce + cfg.prior_weight * prior + cfg.budget_weight * budget_term
     accuracy = (out.argmax(1) == qy).float().mean()
     return EpisodeOutput(loss, ce.detach(), prior.detach(), budget_term.detach(), accuracy.detach(), ratio.detach())
+
+
+def check_finite(out: EpisodeOutput, step: int) -> None:
+    """Stop a diverged run before its optimizer step, so the last checkpoint stays a good one."""
+    if not torch.isfinite(out.loss):
+        raise StampError(f"meta-training diverged at step {step + 1}: the outer loss is {float(out.loss)} "
+                         f"(query CE {float(out.ce)}, expected MACs ratio {float(out.expected_ratio)}); lower "
+                         "meta.lr or meta.inner_lr (or meta.inner_steps) and run again — it resumes from the "
+                         "last checkpoint")
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from ..pruning.macs import CostModel
 from ..signals import StopRequest, stop_requests
 from ..training import pick_device
 from .artifact import GeneratorStore, save_generator
-from .objective import EpisodeOutput, Stamp, episode_loss, episode_rng, validate_episode
+from .objective import EpisodeOutput, Stamp, check_finite, episode_loss, episode_rng, validate_episode
 
 
 @dataclass
@@ -127,6 +127,7 @@ class MetaTrainer:
         for i, ep in enumerate(episodes):
             rng = episode_rng(self.cfg.meta.seed, self.step, i, self.device)
             out = episode_loss(self.backbone, self.stamp, self.groups, self.cost, ep, self.norm, self.cfg.meta, rng)
+            check_finite(out, self.step)
             (out.loss / len(episodes)).backward()
             outs.append(out)
         # Clip what the optimizer trains (the backbone too with meta.learn_backbone), as DeepSpeed does.
