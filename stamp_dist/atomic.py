@@ -1,7 +1,10 @@
 """Write outputs so that a failure never leaves anything half-written.
 
 Every file or directory is built under a temporary name beside its destination and renamed into
-place only when complete (rename is atomic within one filesystem).
+place only when complete (rename is atomic within one filesystem). Replacing a directory takes two
+renames (old → ``.NAME.previous``, new → ``NAME``); a kill between them leaves only the previous
+version, which ``restore_interrupted`` (called by every writer and by the checkpoint / artifact
+readers) puts back, so an interrupted save never loses the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -30,10 +33,22 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _previous(path: Path) -> Path:
+    return path.with_name(f".{path.name}.previous")
+
+
+def restore_interrupted(path: str | os.PathLike) -> None:
+    """If a directory swap was killed between its two renames, move the previous version back."""
+    path = Path(path)
+    if not path.exists() and _previous(path).is_dir():
+        os.replace(_previous(path), path)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` only if the block finishes without error."""
     out = Path(out)
+    restore_interrupted(out)
     if out.exists() and not overwrite:
         raise StampError(f"output directory {out} already exists; choose another path or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +61,8 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         raise
     if out.exists():
         # Keep the old output until the new one is complete, then swap.
-        old = _tmp_sibling(out)
+        old = _previous(out)
+        shutil.rmtree(old, ignore_errors=True)  # left by a swap killed after its second rename
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_dir, read_json, write_json
+from .atomic import atomic_dir, read_json, restore_interrupted, write_json
 
 _TENSOR = "__tensor__"
 
@@ -51,6 +51,7 @@ def save_state(directory: str | Path, state: dict[str, Any]) -> None:
 def load_state(directory: str | Path, device: str | torch.device = "cpu") -> dict[str, Any] | None:
     """The state saved by ``save_state``, or None when ``directory`` holds no checkpoint."""
     directory = Path(directory)
+    restore_interrupted(directory)
     if not (directory / "state.json").is_file():
         return None
     tensors = load_file(str(directory / "state.safetensors"), device=str(device))

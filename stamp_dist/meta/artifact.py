@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..atomic import atomic_dir, read_json, write_json
+from ..atomic import atomic_dir, read_json, restore_interrupted, write_json
 from ..config import MetaConfig
 from ..errors import StampError
 from ..models.backbones import Backbone
@@ -82,12 +82,15 @@ class Generator:
 def resolve(path: str | Path) -> Path:
     """An artifact directory, or a run directory's ``best`` (else ``latest``) version."""
     path = Path(path)
+    restore_interrupted(path)
     if (path / "generator.json").is_file():
         return path
     for pointer in ("best.json", "latest.json"):
         for root in (path, path / "generators"):
             if (root / pointer).is_file():
-                return root / read_json(root / pointer, "generator pointer")["version"]
+                version = root / read_json(root / pointer, "generator pointer")["version"]
+                restore_interrupted(version)
+                return version
     raise StampError(
         f"{path} holds no generator artifact (generator.json) and no run with best.json/latest.json; "
         "pass the directory written by `stamp meta-train`"

@@ -1,0 +1,51 @@
+import os
+
+import pytest
+import torch
+
+from stamp_dist import atomic
+from stamp_dist.checkpoint import load_state, save_state
+from stamp_dist.errors import StampError
+
+
+def _killed_between_renames(monkeypatch, out):
+    """os.replace that dies (like SIGKILL would) when the new ``out`` is about to be renamed into
+    place, after the old one was moved away."""
+    real = os.replace
+
+    def replace(src, dst):
+        if os.fspath(dst) == os.fspath(out) and os.path.basename(src).startswith(f".{out.name}.tmp-"):
+            raise KeyboardInterrupt("killed")
+        real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+
+
+def test_checkpoint_survives_a_save_killed_between_the_renames(tmp_path, monkeypatch):
+    ckpt = tmp_path / "checkpoint"
+    save_state(ckpt, {"step": 1, "w": torch.ones(3)})
+    with monkeypatch.context() as m:
+        _killed_between_renames(m, ckpt)
+        with pytest.raises(KeyboardInterrupt):
+            save_state(ckpt, {"step": 2, "w": torch.zeros(3)})
+    assert not ckpt.exists()  # the kill left only the previous version, under its backup name
+    state = load_state(ckpt)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+    save_state(ckpt, {"step": 2, "w": torch.zeros(3)})
+    assert load_state(ckpt)["step"] == 2
+    assert not any(p.name.endswith(".previous") for p in tmp_path.iterdir())  # the backup is gone again
+
+
+def test_failed_block_leaves_the_old_output(tmp_path):
+    out = tmp_path / "out"
+    with atomic.atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("failed mid-write")
+    assert (out / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(StampError, match="already exists"):
+        with atomic.atomic_dir(out):
+            pass
