@@ -49,7 +49,7 @@ from .atomic import write_json
 from .config import StampConfig, bench_regimes, to_dict
 from .data.manifest import Manifest
 from .data.readers import Normalization, load_split
-from .downstream import Target, build_pruned, stamp_masks
+from .downstream import Target, adapt_generator, build_pruned, stamp_masks
 from .errors import StampError
 from .finetune import finetune_model
 from .measure import count_macs_params, latency_report
@@ -207,6 +207,8 @@ class Bench:
                                                        "augment", "flip")}}
         if cell.method == "stamp":
             key["generator"] = self.generator_id
+            if self.cfg.prune.adapt_steps:
+                key["adapt"] = {"steps": self.cfg.prune.adapt_steps, "lr": self.cfg.prune.adapt_lr}
         if cell.method == "learn_gates":
             m = self.cfg.meta
             key["gates"] = {"steps": b.gate_steps, "lr": b.gate_lr, "batch": b.gate_batch, "tau": m.tau,
@@ -246,8 +248,10 @@ def method_masks(bench: Bench, cell: Cell, sample: Target, batch: Target) -> lis
     """The hard keep masks of a one-shot method (everything but dense and train_prune)."""
     m, b = cell.method, bench.cfg.bench
     if m == "stamp":
-        gen = bench.generator
-        return stamp_masks(gen, gen.stamp, batch, cell.budget)
+        gen, p = bench.generator, bench.cfg.prune
+        stamp = adapt_generator(gen, batch, cell.budget, p.adapt_steps, p.adapt_lr, cell.seed) if p.adapt_steps \
+            else gen.stamp
+        return stamp_masks(gen, stamp, batch, cell.budget)
     if m == "learn_gates":
         return gate_masks(bench.backbone, bench.groups, bench.cost, bench.norm(sample.x.to(bench.device)),
                           sample.y.to(bench.device), sample.num_classes, cell.budget, bench.cfg.meta,

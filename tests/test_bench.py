@@ -35,8 +35,10 @@ def test_cells_run_once_then_cached_and_stale_cells_rerun(tiny_run, tiny_generat
         m.setattr(bench.Bench, "__init__", _with_generator_id(bench.Bench.__init__, "another"))
         bench.run_bench(cfg, "cpu")
     assert [c.method for c in calls] == ["stamp"]
+    bench.run_bench(_digits_cfg(tiny_run, tiny_generator, tmp_path, "prune.adapt_steps=2"), "cpu")
+    assert [c.method for c in calls] == ["stamp", "stamp"]  # adaptation steps: a STAMP setting only
     bench.run_bench(_digits_cfg(tiny_run, tiny_generator, tmp_path, "finetune.epochs=2"), "cpu")
-    assert len(calls) == 4
+    assert len(calls) == 5
 
 
 def _with_generator_id(init, gen_id):
@@ -81,3 +83,14 @@ def test_sample_pruning_batch_and_scoring_sets(tiny_run):
     assert len(full.y) == len(data.train[1]) and torch.bincount(fy).tolist() == [7] * 10  # test split, capped
     batch = bench.pruning_batch(sample, 3, seed=1, device=torch.device("cpu"))
     assert torch.bincount(batch.y).tolist() == [3] * 10 and batch.y.tolist() == sorted(batch.y.tolist())
+
+
+def test_stamp_cells_adapt_the_generator_when_configured(tiny_run, tiny_generator, tmp_path, monkeypatch):
+    seen = []
+    real = bench.adapt_generator
+    monkeypatch.setattr(bench, "adapt_generator", lambda gen, target, b, steps, lr, seed:
+                        seen.append((b, steps, lr, seed)) or real(gen, target, b, steps, lr, seed))
+    cfg = _digits_cfg(tiny_run, tiny_generator, tmp_path, "prune.adapt_steps=2", "prune.adapt_lr=0.001",
+                      "bench.methods=[stamp]")
+    (cell,) = bench.run_bench(cfg, "cpu").cells
+    assert seen == [(0.5, 2, 0.001, 0)] and cell["key"]["adapt"] == {"steps": 2, "lr": 0.001}
