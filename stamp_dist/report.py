@@ -205,8 +205,9 @@ def _markdown(run: BenchRun, rows: list[dict], summary: dict, plots: dict[str, l
         f"{m['torch_threads']} intra-op thread(s), device `{m['device']}`.", "",
         f"Every method starts from the same reference-pretrained backbone (`{cfg['pretrain']['out']}`), keeps at "
         f"most the budget's fraction of the dense MACs by removing channels through the same surgery path, and is "
-        f"fine-tuned on the same sample with the same schedule (SGD, batch {f['batch_size']}, lr {f['lr']}, "
-        f"momentum {f['momentum']}, weight decay {f['weight_decay']}, cosine, crops "
+        f"fine-tuned on the same sample with the same schedule (SGD, batch {f['batch_size']}, lr {f['lr']} for the head "
+        f"and {f['lr'] * f.get('backbone_lr', 1.0):g} for the rest, momentum {f['momentum']}, "
+        f"weight decay {f['weight_decay']}, cosine, crops "
         f"{'on' if f['augment'] else 'off'}, flips {'on' if f['flip'] else 'off'}) and the same seeds. Top-1 is "
         f"scored on images of the target outside the sample (at most {b['eval_per_class'] or 'all'} per class). "
         f"One-shot pruners (STAMP's encoder, SNIP, GraSP, Taylor) read {cfg['prune']['samples_per_class']} images "
