@@ -139,7 +139,8 @@ def episode_loss(backbone: Backbone, stamp: Stamp, groups: ChannelGroups, cost: 
 def check_finite(out: EpisodeOutput, step: int) -> None:
     """Stop a diverged run before its optimizer step, so the last checkpoint stays a good one."""
     if not torch.isfinite(out.loss):
-        raise StampError(f"meta-training diverged at step {step + 1}: the outer loss is {float(out.loss.detach())} "
+        loss = float(out.loss.detach())
+        raise StampError(f"meta-training diverged at step {step + 1}: the outer loss is {loss} "
                          f"(query CE {float(out.ce)}, expected MACs ratio {float(out.expected_ratio)}); lower "
                          "meta.lr or meta.inner_lr (or meta.inner_steps) and run again — it resumes from the "
                          "last checkpoint")
