@@ -10,9 +10,11 @@ readers) puts back, so an interrupted save never loses the last good checkpoint.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,7 +23,28 @@ from .errors import StampError
 
 
 def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete temporaries of ``path`` left by killed writers on this host (their process is gone), so
+    a run that is killed and restarted many times does not pile up checkpoint-sized directories.
+    Another host's temporaries are left alone: their process cannot be checked from here."""
+    prefix = f".{path.name}.tmp-{socket.gethostname()}-"
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = tmp.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _fsync_dir(path: Path) -> None:
@@ -52,6 +75,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     if out.exists() and not overwrite:
         raise StampError(f"output directory {out} already exists; choose another path or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(out)
     tmp = _tmp_sibling(out)
     tmp.mkdir()
     try:

@@ -1,4 +1,7 @@
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -49,3 +52,19 @@ def test_failed_block_leaves_the_old_output(tmp_path):
     with pytest.raises(StampError, match="already exists"):
         with atomic.atomic_dir(out):
             pass
+
+
+def test_temporaries_of_dead_writers_on_this_host_are_removed(tmp_path):
+    out = tmp_path / "checkpoint"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    orphan = tmp_path / f".checkpoint.tmp-{host}-{dead}-0123abcd"
+    running = tmp_path / f".checkpoint.tmp-{host}-{os.getppid()}-0123abcd"  # a live writer
+    elsewhere = tmp_path / f".checkpoint.tmp-another-host-{dead}-0123abcd"  # cannot be checked from here
+    for d in (orphan, running, elsewhere):
+        d.mkdir()
+        (d / "state.json").write_text("{}")
+    save_state(out, {"step": 1})
+    assert not orphan.exists() and running.exists() and elsewhere.exists()
+    assert load_state(out)["step"] == 1
