@@ -135,12 +135,11 @@ def main() -> None:
             torch.manual_seed(seed)
             model = build_pruned(gen.backbone, gen.backbone_meta, gen.groups, m, batches[(target, seed)])
             result = finetune_model(model, (sample.x, sample.y), evaluation, norm, cfg.finetune, seed, "cpu")
-            result["top1_before_finetune"] = result["top1_before"]
-            result["macs_ratio"] = float(gen.cost.macs([k.float() for k in m]) / gen.cost.dense_macs)
             rows.append({"target": Path(target).name, "variant": variant, "seed": seed, "top1": result["top1"],
-                         "top1_before_finetune": result["top1_before_finetune"], "macs_ratio": result["macs_ratio"]})
+                         "top1_before_finetune": result["top1_before"],
+                         "macs_ratio": float(gen.cost.macs([k.float() for k in m]) / gen.cost.dense_macs)})
             print(f"{Path(target).name} {variant} seed {seed}: top-1 {result['top1']:.4f} "
-                  f"(prototype head before fine-tuning {result['top1_before_finetune']:.4f}; "
+                  f"(prototype head before fine-tuning {result['top1_before']:.4f}; "
                   f"{time.perf_counter() - t0:.0f} s)", flush=True)
 
     paired = reference_tasks_paired(cfg, gen, norm, constant_stamp, constant_inputs, args.reference_tasks)
@@ -153,26 +152,26 @@ def main() -> None:
     print(f"task embedding distance {Path(t_a).name}↔{Path(t_b).name}: {float((r_a - r_b).norm()):.3f}")
     print(f"held-out reference tasks ({len(paired)}, hard masks, no fine-tuning): set-conditioned minus constant "
           f"input {100 * paired.mean():+.1f} ± {100 * sem(paired):.1f} points (s.e.m.)")
+    def column(target: str, variant: str, key: str) -> np.ndarray:  # one value per seed, in seed order
+        return np.array([r[key] for r in rows if r["target"] == target and r["variant"] == variant])
+
     print("\n| target | generator input | top-1 after fine-tuning | top-1 before (prototype head) | seeds |\n"
           "|---|---|---|---|---|")
     summary = []
-    for target in cfg.bench.targets:
+    for target in (Path(t).name for t in cfg.bench.targets):
         for variant in ("set-conditioned", "constant input"):
-            mine = [r for r in rows if r["target"] == Path(target).name and r["variant"] == variant]
-            acc = np.array([r["top1"] for r in mine])
-            before = np.array([r["top1_before_finetune"] for r in mine])
-            summary.append({"target": Path(target).name, "variant": variant, "mean": acc.mean(), "std": acc.std(),
+            acc, before = column(target, variant, "top1"), column(target, variant, "top1_before_finetune")
+            summary.append({"target": target, "variant": variant, "mean": acc.mean(), "std": acc.std(),
                             "before_mean": before.mean(), "before_std": before.std()})
-            print(f"| {Path(target).name} | {variant} | {100 * acc.mean():.1f} ± {100 * acc.std():.1f} "
+            print(f"| {target} | {variant} | {100 * acc.mean():.1f} ± {100 * acc.std():.1f} "
                   f"| {100 * before.mean():.1f} ± {100 * before.std():.1f} | {len(acc)} |")
         # Both variants share each seed's sample and fine-tuning run order, so compare them per seed.
-        diff = {k: np.array([a[k] - b[k] for a, b in zip(*(
-            [r for r in rows if r["target"] == Path(target).name and r["variant"] == v]
-            for v in ("set-conditioned", "constant input")))]) for k in ("top1", "top1_before_finetune")}
-        summary.append({"target": Path(target).name, "variant": "set minus constant (paired by seed)",
+        diff = {k: column(target, "set-conditioned", k) - column(target, "constant input", k)
+                for k in ("top1", "top1_before_finetune")}
+        summary.append({"target": target, "variant": "set minus constant (paired by seed)",
                         "mean": diff["top1"].mean(), "sem": sem(diff["top1"]),
                         "before_mean": diff["top1_before_finetune"].mean(), "before_sem": sem(diff["top1_before_finetune"])})
-        print(f"| {Path(target).name} | set − constant, paired by seed | {100 * diff['top1'].mean():+.1f} ± "
+        print(f"| {target} | set − constant, paired by seed | {100 * diff['top1'].mean():+.1f} ± "
               f"{100 * sem(diff['top1']):.1f} (s.e.m.) | {100 * diff['top1_before_finetune'].mean():+.1f} ± "
               f"{100 * sem(diff['top1_before_finetune']):.1f} (s.e.m.) | {len(diff['top1'])} |")
     write_json(Path(cfg.bench.out) / "ablation.json",

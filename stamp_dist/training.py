@@ -152,9 +152,9 @@ def fit(model: nn.Module, train: Split, test: Split | None, epochs: int, lr: flo
     steps_per_epoch = sum(1 for s in range(0, len(labels), batch_size) if len(labels) - s >= 2)
     total_steps = max(epochs * steps_per_epoch, 1)
     cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))  # noqa: E731
-    head = {id(p) for p in model.fc.parameters()}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in head], "lr": lr * backbone_lr},
-              {"params": list(model.fc.parameters()), "lr": lr}]
+    head = list(model.fc.parameters())
+    rest = [p for p in model.parameters() if all(p is not h for h in head)]
+    groups = [{"params": rest, "lr": lr * backbone_lr}, {"params": head, "lr": lr}]
     opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     generator = torch.Generator().manual_seed(seed)
