@@ -4,9 +4,12 @@
 2. Ablation: the same generator with everything it reads from the set replaced by a constant — the
    task embedding and the per-channel statistics averaged over reference tasks, so the generator
    sees an "average task" whatever the target — against the set-conditioned generator, with the
-   benchmark's protocol (same samples, fine-tuning and scoring as `stamp demo`; mean ± std over the
-   configured seeds), and on held-out *reference* tasks with the meta-validation protocol (hard
-   masks, prototype head + inner steps, no fine-tuning; paired over the same tasks).
+   benchmark's protocol (same samples, ``prune.allocation``, fine-tuning and scoring as `stamp demo`;
+   mean ± std over the configured seeds), and on reference tasks with the meta-validation protocol
+   (hard masks, prototype head + inner steps, no fine-tuning; paired over the same tasks): tasks on the
+   held-out classes, and tasks drawn inside one class family (``meta.task_families``), where tasks
+   need different channels. On reference tasks the set-conditioned mask is also compared with the
+   mask generated for another task's set.
 
     python benchmarks/task_adaptivity.py -c configs/demo.yaml [key=value ...]
 
@@ -29,7 +32,7 @@ from stamp_dist.bench import TargetData, pruning_batch, split_sample
 from stamp_dist.downstream import build_pruned
 from stamp_dist.finetune import finetune_model
 from stamp_dist.config import load_config
-from stamp_dist.data.episodes import ClassPool, EpisodeSampler, split_classes
+from stamp_dist.data.episodes import ClassPool, EpisodeSampler, split_classes, task_families
 from stamp_dist.data.manifest import Manifest
 from stamp_dist.data.readers import Normalization
 from stamp_dist.meta.artifact import load_generator
@@ -72,21 +75,37 @@ def average_task(cfg, gen, norm, tasks: int = 50):
     return constant, SetInputs(reads[0].features, stats)
 
 
-def reference_tasks_paired(cfg, gen, norm, constant_stamp, constant_inputs, tasks: int = 60) -> np.ndarray:
-    """Query accuracy, set-conditioned minus constant input, on ``tasks`` held-out reference tasks."""
-    _, val = split_classes(Manifest.load(cfg.data.reference).num_classes, cfg.meta.val_classes, cfg.meta.seed)
-    m = copy.deepcopy(cfg)
-    m.meta.val_tasks = tasks
-    diffs = []
-    for ep in validation_episodes(m, val):
-        sx, qx = norm(ep.support_x), norm(ep.query_x)
-        acc = []
-        for stamp, inputs in ((gen.stamp, read(gen, norm, ep.support_x, ep.n_way)), (constant_stamp, constant_inputs)):
-            masks = [k.float() for k in hard_masks(stamp, gen.cost, inputs, ep.budget)]
-            out = adapted_logits(gen.backbone, gen.groups, masks, sx, ep.support_y, qx, ep.n_way, cfg.meta).detach()
-            acc.append(float((out.argmax(1) == ep.query_y).float().mean()))
-        diffs.append(acc[0] - acc[1])
-    return np.array(diffs)
+def family_episodes(cfg, tasks: int, budget: float) -> list:
+    """``tasks`` tasks drawn inside one family of the meta-training classes (``meta.task_families``: classes
+    sharing a colour, texture or shape), on test-split images the generator never saw, at ``budget``.
+    Such tasks need different channels from each other; the held-out classes are too few to form them."""
+    m = cfg.meta
+    manifest = Manifest.load(cfg.data.reference)
+    train, _ = split_classes(manifest.num_classes, m.val_classes, m.seed)
+    families = task_families(m.task_families, manifest, train, m.n_way_min)
+    if not families:
+        return []
+    sampler = EpisodeSampler(ClassPool(cfg.data.reference, "test", seed=7), train, m.n_way_min, m.n_way_max, m.k_shot,
+                             m.q_query, budget, budget, seed=7, families=families, family_tasks=1.0)
+    return [sampler.sample() for _ in range(tasks)]
+
+
+def paired_on_tasks(cfg, gen, norm, episodes, constant_stamp, constant_inputs) -> dict[str, np.ndarray]:
+    """Per task (meta-validation protocol: hard masks at the task's budget, prototype head + inner steps,
+    no fine-tuning): query accuracy with the mask generated from the task's own support set, minus that
+    with the constant-input mask and minus that with the mask generated from the *next* task's set."""
+    inputs = [read(gen, norm, ep.support_x, ep.n_way) for ep in episodes]
+
+    def accuracy(ep, stamp, inp) -> float:
+        masks = [k.float() for k in hard_masks(stamp, gen.cost, inp, ep.budget, allocation=cfg.prune.allocation)]
+        out = adapted_logits(gen.backbone, gen.groups, masks, norm(ep.support_x), ep.support_y, norm(ep.query_x),
+                             ep.n_way, cfg.meta).detach()
+        return float((out.argmax(1) == ep.query_y).float().mean())
+
+    own = np.array([accuracy(ep, gen.stamp, inputs[i]) for i, ep in enumerate(episodes)])
+    constant = np.array([accuracy(ep, constant_stamp, constant_inputs) for ep in episodes])
+    other = np.array([accuracy(ep, gen.stamp, inputs[(i + 1) % len(episodes)]) for i, ep in enumerate(episodes)])
+    return {"own": own, "minus constant": own - constant, "minus other task": own - other}
 
 
 def sem(d: np.ndarray) -> float:
@@ -118,8 +137,9 @@ def main() -> None:
     batches = {k: pruning_batch(sample, cfg.prune.samples_per_class, k[1], torch.device("cpu"))
                for k, (sample, _) in samples.items()}
     inputs = {k: read(gen, norm, batch.x, batch.num_classes) for k, batch in batches.items()}
-    masks = {k: hard_masks(gen.stamp, gen.cost, i, budget) for k, i in inputs.items()}
-    const_masks = hard_masks(constant_stamp, gen.cost, constant_inputs, budget)
+    allocation = cfg.prune.allocation
+    masks = {k: hard_masks(gen.stamp, gen.cost, i, budget, allocation=allocation) for k, i in inputs.items()}
+    const_masks = hard_masks(constant_stamp, gen.cost, constant_inputs, budget, allocation=allocation)
 
     t_a, t_b = cfg.bench.targets[:2]
     s0 = cfg.bench.seeds[0]
@@ -142,16 +162,26 @@ def main() -> None:
                   f"(prototype head before fine-tuning {result['top1_before']:.4f}; "
                   f"{time.perf_counter() - t0:.0f} s)", flush=True)
 
-    paired = reference_tasks_paired(cfg, gen, norm, constant_stamp, constant_inputs, args.reference_tasks)
+    _, val = split_classes(Manifest.load(cfg.data.reference).num_classes, cfg.meta.val_classes, cfg.meta.seed)
+    m = copy.deepcopy(cfg)
+    m.meta.val_tasks = args.reference_tasks
+    task_sets = {"held-out reference classes (random budgets)": validation_episodes(m, val),
+                 f"reference family tasks (budget {budget})": family_episodes(cfg, args.reference_tasks, budget)}
+    paired = {name: paired_on_tasks(cfg, gen, norm, eps, constant_stamp, constant_inputs)
+              for name, eps in task_sets.items() if eps}
     r_a, r_b = embedding(gen, inputs[(t_a, s0)]), embedding(gen, inputs[(t_b, s0)])
-    print(f"\nbudget {budget}; per-group Jaccard of kept channels, {Path(t_a).name} vs {Path(t_b).name} "
+    print(f"\nbudget {budget}, prune.allocation {allocation}; per-group Jaccard of kept channels, "
+          f"{Path(t_a).name} vs {Path(t_b).name} "
           f"(seed {s0} samples): " + ", ".join(f"{j:.2f}" for j in per_group) + f"  (mean {np.mean(per_group):.3f})")
     print(f"same target, two different samples (seeds {s0} and {cfg.bench.seeds[-1]}): mean Jaccard "
           f"{np.mean(same_target):.3f}")
     print("mean Jaccard with the constant-input masks: " + ", ".join(f"{k} {v:.3f}" for k, v in to_constant.items()))
     print(f"task embedding distance {Path(t_a).name}↔{Path(t_b).name}: {float((r_a - r_b).norm()):.3f}")
-    print(f"held-out reference tasks ({len(paired)}, hard masks, no fine-tuning): set-conditioned minus constant "
-          f"input {100 * paired.mean():+.1f} ± {100 * sem(paired):.1f} points (s.e.m.)")
+    for name, d in paired.items():
+        print(f"{name}, {len(d['own'])} tasks (hard masks, no fine-tuning): query accuracy {100 * d['own'].mean():.1f}; "
+              + "; ".join(f"{k} {100 * d[k].mean():+.1f} ± {100 * sem(d[k]):.1f}" for k in ("minus constant",
+                                                                                     "minus other task"))
+              + " points (s.e.m.)")
     def column(target: str, variant: str, key: str) -> np.ndarray:  # one value per seed, in seed order
         return np.array([r[key] for r in rows if r["target"] == target and r["variant"] == variant])
 
@@ -175,8 +205,9 @@ def main() -> None:
               f"{100 * sem(diff['top1']):.1f} (s.e.m.) | {100 * diff['top1_before_finetune'].mean():+.1f} ± "
               f"{100 * sem(diff['top1_before_finetune']):.1f} (s.e.m.) | {len(diff['top1'])} |")
     write_json(Path(cfg.bench.out) / "ablation.json",
-               {"budget": budget, "jaccard_per_group": per_group, "jaccard_same_target": same_target,
-                "jaccard_to_constant": to_constant, "reference_tasks_paired_diff": paired.tolist(),
+               {"budget": budget, "allocation": allocation, "jaccard_per_group": per_group,
+                "jaccard_same_target": same_target,
+                "jaccard_to_constant": to_constant, "reference_tasks": {name: {k: v.tolist() for k, v in d.items()} for name, d in paired.items()},
                 "rows": rows, "summary": summary})
 
 

@@ -55,10 +55,10 @@ from .finetune import finetune_model
 from .measure import count_macs_params, latency_report
 from .meta.artifact import backbone_fingerprint, load_generator
 from .pruning.baselines import METHODS as SCORE_METHODS
-from .pruning.baselines import baseline_masks, dense_masks, l1_scores, uniform_ratio_masks
+from .pruning.baselines import baseline_masks, dense_masks, l1_scores
 from .pruning.gates import gate_masks
 from .pruning.groups import discover_groups
-from .pruning.hardmask import check_budget
+from .pruning.hardmask import check_budget, uniform_ratio_masks
 from .pruning.macs import CostModel
 from .pruning.surgery import prune_model
 from .training import pick_device
@@ -207,6 +207,7 @@ class Bench:
                                                        "augment", "flip")}}
         if cell.method == "stamp":
             key["generator"] = self.generator_id
+            key["allocation"] = self.cfg.prune.allocation
             if self.cfg.prune.adapt_steps:
                 key["adapt"] = {"steps": self.cfg.prune.adapt_steps, "lr": self.cfg.prune.adapt_lr}
         if cell.method == "learn_gates":
@@ -251,7 +252,7 @@ def method_masks(bench: Bench, cell: Cell, sample: Target, batch: Target) -> lis
         gen, p = bench.generator, bench.cfg.prune
         stamp = adapt_generator(gen, batch, cell.budget, p.adapt_steps, p.adapt_lr, cell.seed) if p.adapt_steps \
             else gen.stamp
-        return stamp_masks(gen, stamp, batch, cell.budget)
+        return stamp_masks(gen, stamp, batch, cell.budget, allocation=p.allocation)
     if m == "learn_gates":
         return gate_masks(bench.backbone, bench.groups, bench.cost, bench.norm(sample.x.to(bench.device)),
                           sample.y.to(bench.device), sample.num_classes, cell.budget, bench.cfg.meta,

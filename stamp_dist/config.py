@@ -22,6 +22,7 @@ from .errors import StampError
 METHODS = ("dense", "random", "l1", "snip", "grasp", "synflow", "taylor", "magnitude", "train_prune",
            "learn_gates", "stamp")
 BACKBONES = ("convnet", "resnet20", "resnet56", "resnet18", "resnet50", "vgg19_bn")
+ALLOCATIONS = ("learned", "uniform")  # prune.allocation: pruning/hardmask.py
 
 
 @dataclass
@@ -99,6 +100,10 @@ class PruneConfig:
     adapt_lr: float = 1e-2
     samples_per_class: int = 10  # images per class the set encoder reads
     round_to: int = 1
+    # How the budget is spread over channel groups: "learned" (the generator's probabilities decide
+    # how many channels each group keeps) or "uniform" (the same fraction in every group; the generator
+    # picks which channels; better for targets far from the reference data). Measurements: pruning/hardmask.py.
+    allocation: str = "learned"
     seed: int = 0
 
 
@@ -208,6 +213,7 @@ class StampConfig:
 CHOICES: dict[str, Sequence[Any]] = {
     "model.backbone": BACKBONES,
     "meta.prior": ("bernoulli", "beta_bernoulli", "none"),
+    "prune.allocation": ALLOCATIONS,
     "runtime.backend": ("local", "ray"),
     "runtime.precision": ("fp32", "bf16"),
     "runtime.zero_stage": (0, 1, 2, 3),

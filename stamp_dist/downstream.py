@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import MetaConfig
+from .config import ALLOCATIONS, MetaConfig
 from .data.episodes import build_episode
 from .data.manifest import Manifest
 from .data.readers import Normalization, load_split
@@ -88,11 +88,13 @@ def stamp_cfg(gen: Generator) -> MetaConfig:
     return MetaConfig(**gen.info["meta"])
 
 
-def stamp_masks(gen: Generator, stamp, target: Target, budget: float, round_to: int = 1) -> list[torch.Tensor]:
+def stamp_masks(gen: Generator, stamp, target: Target, budget: float, round_to: int = 1,
+                allocation: str = "learned") -> list[torch.Tensor]:
     """Read the target sample with the frozen backbone and turn the generator's keep
-    probabilities into hard masks at ``budget``."""
+    probabilities into hard masks at ``budget`` (``allocation``: see pruning/hardmask.py)."""
     x = Normalization.of(gen.backbone_meta)(target.x.to(next(gen.backbone.parameters()).device))
-    return hard_masks(stamp, gen.cost, read_set(gen.backbone, gen.groups, x, target.num_classes), budget, round_to)
+    return hard_masks(stamp, gen.cost, read_set(gen.backbone, gen.groups, x, target.num_classes), budget, round_to,
+                      allocation)
 
 
 @torch.no_grad()
@@ -134,13 +136,15 @@ def save_pruned_for_target(out: str | Path, backbone: Backbone, backbone_meta: d
 
 
 def prune(generator: str | Path, data: str | Path, budget: float, out: str | Path, adapt_steps: int = 0,
-          adapt_lr: float = 1e-2, samples_per_class: int = 10, round_to: int = 1, seed: int = 0,
-          device: str = "auto") -> dict:
+          adapt_lr: float = 1e-2, samples_per_class: int = 10, round_to: int = 1, allocation: str = "learned",
+          seed: int = 0, device: str = "auto") -> dict:
     """Prune the generator's backbone for the target dataset ``data``; write the pruned model to ``out``.
 
     Returns the report (MACs, params, latency, seconds to produce the model).
     """
     check_budget(budget)
+    if allocation not in ALLOCATIONS:
+        raise StampError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     if Path(out).exists():
         raise StampError(f"output directory {out} already exists; choose another path or remove it")
     t0 = time.perf_counter()
@@ -149,7 +153,8 @@ def prune(generator: str | Path, data: str | Path, budget: float, out: str | Pat
     target = load_target(data, samples_per_class, gen.backbone_meta)
     target.x, target.y = target.x.to(device), target.y.to(device)
     stamp = adapt_generator(gen, target, budget, adapt_steps, adapt_lr, seed) if adapt_steps else gen.stamp
-    masks = stamp_masks(gen, stamp, target, budget, round_to)
+    masks = stamp_masks(gen, stamp, target, budget, round_to, allocation)
     seconds = time.perf_counter() - t0
     return save_pruned_for_target(out, gen.backbone, gen.backbone_meta, gen.groups, masks, target, "stamp", budget,
-                                  seconds, {"generator": str(gen.path), "adapt_steps": adapt_steps})
+                                  seconds, {"generator": str(gen.path), "adapt_steps": adapt_steps,
+                                            "allocation": allocation})

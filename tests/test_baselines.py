@@ -237,7 +237,7 @@ def test_learned_gates_follow_the_budget_penalty_and_give_masks_at_the_budget():
 def test_train_then_prune_ranks_the_fine_tuned_weights_and_keeps_them(tiny_run):
     from conftest import tiny_config
     from stamp_dist import bench
-    from stamp_dist.pruning.baselines import uniform_ratio_masks
+    from stamp_dist.pruning.hardmask import uniform_ratio_masks
 
     cfg = tiny_config(tiny_run, f"bench.targets=[{tiny_run}/data/targets/digits]", "bench.methods=[train_prune]")
     b = bench.Bench(cfg, torch.device("cpu"))

@@ -37,8 +37,10 @@ def test_cells_run_once_then_cached_and_stale_cells_rerun(tiny_run, tiny_generat
     assert [c.method for c in calls] == ["stamp"]
     bench.run_bench(_digits_cfg(tiny_run, tiny_generator, tmp_path, "prune.adapt_steps=2"), "cpu")
     assert [c.method for c in calls] == ["stamp", "stamp"]  # adaptation steps: a STAMP setting only
+    bench.run_bench(_digits_cfg(tiny_run, tiny_generator, tmp_path, "prune.allocation=uniform"), "cpu")
+    assert [c.method for c in calls] == ["stamp"] * 3  # so is the allocation rule
     bench.run_bench(_digits_cfg(tiny_run, tiny_generator, tmp_path, "finetune.epochs=2"), "cpu")
-    assert len(calls) == 5
+    assert len(calls) == 6
 
 
 def _with_generator_id(init, gen_id):

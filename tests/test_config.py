@@ -27,6 +27,7 @@ def test_yaml_file_then_overrides(tmp_path):
     ("prune.budget=1.5", ["prune.budget", "(0.0, 1.0]"]),
     ("meta.family_tasks=1.5", ["meta.family_tasks", "[0, 1]"]),
     ("finetune.backbone_lr=-0.1", ["finetune.backbone_lr", ">= 0"]),
+    ("prune.allocation=global", ["prune.allocation", "learned, uniform"]),
     ("meta.steps", ["key=value"]),
 ])
 def test_bad_config_is_named(override, words):

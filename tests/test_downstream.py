@@ -1,5 +1,6 @@
 """`stamp prune` / `stamp finetune` and the Python API, on the tiny run's generator."""
 
+import json
 import shutil
 
 import numpy as np
@@ -45,6 +46,15 @@ def test_python_api_with_adaptation(tiny_generator, digits, tmp_path):
     report = stamp_dist.prune(tiny_generator, digits, 0.5, tmp_path / "adapted", adapt_steps=2,
                               samples_per_class=4, device="cpu")
     assert report["adapt_steps"] == 2 and abs(report["macs_ratio"] - 0.5) <= 0.02
+
+
+def test_uniform_allocation_keeps_the_same_fraction_per_group(tiny_generator, digits, tmp_path):
+    report = stamp_dist.prune(tiny_generator, digits, 0.5, tmp_path / "uniform", samples_per_class=4,
+                              allocation="uniform", device="cpu")
+    spec = json.loads((tmp_path / "uniform" / "spec.json").read_text())
+    fractions = [len(g["kept"]) / g["channels"] for g in spec["groups"]]
+    assert report["allocation"] == "uniform" and 0.45 <= report["macs_ratio"] <= 0.5
+    assert max(fractions) - min(fractions) <= max(1 / g["channels"] for g in spec["groups"]) + 1e-6
 
 
 def test_keep_probabilities_depend_on_the_target_not_on_sample_order(tiny_generator, tiny_run):

@@ -8,6 +8,7 @@ import torch
 from stamp_dist.errors import StampError
 from stamp_dist.models.backbones import build_backbone
 from stamp_dist.pruning import CostModel, budget_mask, discover_groups
+from stamp_dist.pruning.hardmask import hard_mask, uniform_ratio_masks
 
 X = torch.zeros(1, 3, 32, 32)
 _CACHE = {}
@@ -45,6 +46,33 @@ def test_round_to(name, budget):
     assert budget - 0.02 <= _ratio(cost, masks) <= budget + 0.02
     for m in masks:
         assert int(m.sum()) % 8 == 0 and m.sum() >= 8
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18"])
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_uniform_allocation_keeps_the_same_fraction_of_the_top_scored_channels(name, round_to):
+    cost = _cost(name)
+    scores = [torch.rand(c) for c in cost.groups.sizes]
+    masks = hard_mask(scores, cost, 0.3, round_to, allocation="uniform")
+    assert 0.3 - 0.05 <= _ratio(cost, masks) <= 0.3
+    fractions = [float(m.float().mean()) for m in masks]
+    assert max(fractions) - min(fractions) <= max(round_to / c for c in cost.groups.sizes) + 1e-6
+    for s, m in zip(scores, masks):
+        assert m.sum() >= 1 and s[m].min() >= s[~m].max()
+        if len(s) >= round_to:
+            assert int(m.sum()) % round_to == 0
+    assert [m.tolist() for m in masks] == [m.tolist() for m in uniform_ratio_masks(scores, cost, 0.3, round_to)]
+    learned = hard_mask(scores, cost, 0.3, round_to, allocation="learned")
+    assert [m.tolist() for m in learned] == [m.tolist() for m in budget_mask(scores, cost, 0.3, round_to)]
+
+
+def test_unknown_allocation_and_unreachable_uniform_budget():
+    cost = _cost("resnet20")
+    scores = [torch.rand(c) for c in cost.groups.sizes]
+    with pytest.raises(StampError, match="learned, uniform"):
+        hard_mask(scores, cost, 0.3, allocation="global")
+    with pytest.raises(StampError, match="unreachable"):
+        uniform_ratio_masks(scores, cost, 0.01, round_to=8)
 
 
 def test_deterministic_and_confident_channels_survive():

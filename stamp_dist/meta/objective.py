@@ -23,7 +23,7 @@ from ..models.backbones import Backbone
 from ..models.generator import MaskGenerator, budget_penalty, hard_concrete_sample, keep_probability, prior_kl
 from ..models.set_encoder import SetEncoder
 from ..pruning.groups import ChannelGroups
-from ..pruning.hardmask import budget_mask
+from ..pruning.hardmask import hard_mask
 from ..pruning.macs import CostModel
 from ..pruning.masking import masked
 from .set_inputs import NUM_STATS, SetInputs, read_set
@@ -147,10 +147,12 @@ def check_finite(out: EpisodeOutput, step: int) -> None:
 
 
 @torch.no_grad()
-def hard_masks(stamp: Stamp, cost: CostModel, inputs: SetInputs, budget: float, round_to: int = 1):
-    """Deterministic hard masks meeting ``budget`` from the generator's keep probabilities."""
+def hard_masks(stamp: Stamp, cost: CostModel, inputs: SetInputs, budget: float, round_to: int = 1,
+               allocation: str = "learned"):
+    """Deterministic hard masks meeting ``budget`` from the generator's keep probabilities
+    (``allocation``: see pruning/hardmask.py)."""
     probs = [keep_probability(a) for a in stamp(inputs, budget)]
-    return budget_mask(probs, cost, budget, round_to)
+    return hard_mask(probs, cost, budget, round_to, allocation)
 
 
 def validate_episode(backbone: Backbone, stamp: Stamp, groups: ChannelGroups, cost: CostModel, episode: Episode,

@@ -57,7 +57,6 @@ broken by channel index (stable sort), so every method but ``random`` ignores ``
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable
 
 import torch
@@ -69,7 +68,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..errors import StampError
 from .groups import ChannelGroups, Group, build_graph
-from .hardmask import check_budget
+from .hardmask import check_budget, uniform_ratio_masks
 from .macs import CostModel
 
 METHODS = ("random", "l1", "snip", "grasp", "synflow", "taylor", "magnitude")
@@ -78,31 +77,6 @@ METHODS = ("random", "l1", "snip", "grasp", "synflow", "taylor", "magnitude")
 def dense_masks(groups: ChannelGroups) -> list[torch.Tensor]:
     """Keep every channel (the dense fine-tuning reference)."""
     return [torch.ones(g.channels, dtype=torch.bool) for g in groups]
-
-
-def uniform_ratio_masks(scores: list[torch.Tensor], cost: CostModel, budget: float) -> list[torch.Tensor]:
-    """Keep the same fraction of channels in every group (the top-scored ones), the fraction found by
-    bisection so the MACs ratio lands just under ``budget``. The layer-wise-uniform rule is the usual
-    setting of random and norm-based baselines; ranking by score per MAC instead would strip the
-    residual stream (its channels feed many convs) to one channel under uninformative scores."""
-    check_budget(budget)
-
-    def masks_at(ratio: float) -> list[torch.Tensor]:
-        out = []
-        for s in scores:
-            keep = torch.zeros(len(s), dtype=torch.bool)
-            keep[torch.argsort(s, descending=True, stable=True)[: max(1, math.ceil(ratio * len(s)))]] = True
-            out.append(keep)
-        return out
-
-    lo, hi = 0.0, 1.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        if float(cost.macs([m.float() for m in masks_at(mid)])) <= budget * cost.dense_macs:
-            lo = mid
-        else:
-            hi = mid
-    return masks_at(lo)
 
 
 def random_masks(groups: ChannelGroups, cost: CostModel, budget: float, seed: int) -> list[torch.Tensor]:

@@ -1,6 +1,22 @@
-"""Turn keep probabilities into a hard mask that meets a MACs budget.
+"""Turn per-channel scores (keep probabilities) into a hard mask that meets a MACs budget.
 
-Rule: remove channels in order of increasing keep probability (the least probable channel of any
+Two rules, chosen by ``allocation`` in :func:`hard_mask`:
+
+* ``learned`` (:func:`budget_mask`): the scores also decide how many channels each group keeps.
+* ``uniform`` (:func:`uniform_ratio_masks`): every group keeps the same fraction of its channels; the
+  scores only rank the channels within a group (the rule of the score-based baselines).
+
+Why both: STAMP's generator is meta-trained on query accuracy after a few head steps, without
+fine-tuning, so its learned allocation is the one that best preserves the pretrained features (it
+empties the inner convs of residual blocks and keeps the residual streams). That suits targets close
+to the reference data and hurts targets that fine-tuning must rebuild features for. Measured with
+`stamp bench -c configs/bench.yaml` (12 / 3 / 1 fine-tuning epochs; docs/BENCHMARKS.md), uniform
+minus learned, top-1 points: digits (far from the synthetic reference) +1.7 to +16.9 in all 9
+settings; synthetic held-out −16 to −19 at budget 0.1, −0.6 to +6.6 at 0.25, −5.6 to −10.6 at 0.5.
+``learned`` stays the default because it is the method; ``uniform`` is the choice for targets the
+pretrained features do not fit.
+
+``learned`` rule: remove channels in order of increasing keep probability (the least probable channel of any
 group goes first; at least one channel, or one ``round_to`` chunk, stays per group) until the MACs
 ratio is at most the budget, then put back the removed channels with the most probability per MAC
 that still fit, so the result lands just below the budget.
@@ -17,12 +33,14 @@ so one step costs O(#groups), not O(#channels).
 
 from __future__ import annotations
 
+import math
 from numbers import Real
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from ..config import ALLOCATIONS
 from ..errors import StampError
 from .macs import CostModel
 from .masking import check_masks
@@ -35,6 +53,59 @@ def check_budget(budget) -> None:
         raise StampError(f"budget must be a MACs ratio in (0, 1] (the fraction of dense MACs to keep), got {budget!r}")
 
 
+def hard_mask(scores: Sequence[torch.Tensor], cost: CostModel, budget: float, round_to: int = 1,
+              allocation: str = "learned") -> list[torch.Tensor]:
+    """Hard keep masks at ``budget`` from per-channel ``scores`` (keep probabilities for ``learned``)
+    under the ``allocation`` rule (module docstring)."""
+    if allocation == "learned":
+        return budget_mask(scores, cost, budget, round_to)
+    if allocation == "uniform":
+        return uniform_ratio_masks(scores, cost, budget, round_to)
+    raise StampError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+
+
+def uniform_ratio_masks(scores: Sequence[torch.Tensor], cost: CostModel, budget: float,
+                        round_to: int = 1) -> list[torch.Tensor]:
+    """Keep the same fraction of channels in every group (the top-scored ones; at least one, and with
+    ``round_to`` a multiple of it in groups that have that many), the fraction found by bisection so the
+    MACs ratio lands just under ``budget``. Ranking by score per MAC instead would strip the residual
+    stream (its channels feed many convs) to one channel under uninformative scores."""
+    check_budget(budget)
+    _check_round_to(round_to)
+    check_masks(cost.groups, scores)
+
+    def masks_at(ratio: float) -> list[torch.Tensor]:
+        out = []
+        for s in scores:
+            n = max(1, math.ceil(ratio * len(s)))
+            if len(s) >= round_to:
+                n = min(len(s) // round_to, math.ceil(n / round_to)) * round_to
+            keep = torch.zeros(len(s), dtype=torch.bool)
+            keep[torch.argsort(s.detach().cpu(), descending=True, stable=True)[:n]] = True
+            out.append(keep)
+        return out
+
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if float(cost.macs([m.float() for m in masks_at(mid)])) <= budget * cost.dense_macs:
+            lo = mid
+        else:
+            hi = mid
+    masks = masks_at(lo)
+    ratio = float(cost.macs([m.float() for m in masks])) / cost.dense_macs
+    if ratio > budget + TOLERANCE:
+        least = "one channel" if round_to == 1 else f"{round_to} channels"
+        raise StampError(f"MACs budget {budget:g} is unreachable: keeping {least} per group already costs "
+                         f"{ratio:.3f} of the dense MACs; raise the budget")
+    return masks
+
+
+def _check_round_to(round_to) -> None:
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise StampError(f"round_to must be a positive integer, got {round_to!r}")
+
+
 def budget_mask(probs: Sequence[torch.Tensor], cost: CostModel, budget: float,
                 round_to: int = 1) -> list[torch.Tensor]:
     """Hard keep masks (one bool ``[C_g]`` per group) with MACs ratio at most ``budget`` (within
@@ -42,8 +113,7 @@ def budget_mask(probs: Sequence[torch.Tensor], cost: CostModel, budget: float,
     channel per group and, with ``round_to``, a multiple of ``round_to`` channels in every group that
     has at least ``round_to``."""
     check_budget(budget)
-    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise StampError(f"round_to must be a positive integer, got {round_to!r}")
+    _check_round_to(round_to)
     check_masks(cost.groups, probs)
     p = [np.asarray(x.detach().cpu().double().numpy()) for x in probs]
     if not all(np.isfinite(x).all() for x in p):
