@@ -338,6 +338,7 @@ class BenchRun:
     machine: dict
     meta_training_seconds: float | None  # the one-off STAMP cost, when the meta run recorded it
     config: dict
+    generator: dict | None = None  # what STAMP ran with (generator_record), when it was compared
 
 
 def machine_info(device: torch.device) -> dict:
@@ -361,6 +362,16 @@ def meta_training_seconds(meta_out: str | Path) -> float | None:
     if rows and all("seconds" in r for r in rows):
         return float(sum(r["seconds"] for r in rows))
     return None
+
+
+def generator_record(bench: Bench) -> dict | None:
+    """The generator STAMP's cells used, as it was meta-trained (its own meta config, not ``cfg.meta``'s,
+    which only names where it lives), and the downstream settings applied to it."""
+    if bench.generator is None:
+        return None
+    gen, p = bench.generator, bench.cfg.prune
+    return {"path": str(gen.path), "id": bench.generator_id, "step": gen.info.get("step"), "meta": gen.info["meta"],
+            "allocation": p.allocation, "adapt_steps": p.adapt_steps, "adapt_lr": p.adapt_lr}
 
 
 def _work(cell: Cell, data: TargetData) -> float:
@@ -406,7 +417,7 @@ def run_bench(cfg: StampConfig, device: str | torch.device | None = None) -> Ben
         print(f"[{n}/{len(todo)}] {cell.label()}: top-1 {result['top1']:.3f}, MACs {result['macs_ratio']:.3f}, "
               f"{time.perf_counter() - t:.1f} s (ETA {_duration(eta)})", flush=True)
     return BenchRun(results, [{"name": g.name, "channels": g.channels} for g in bench.groups], machine_info(device),
-                    meta_training_seconds(cfg.meta.out), to_dict(cfg))
+                    meta_training_seconds(cfg.meta.out), to_dict(cfg), generator_record(bench))
 
 
 def _duration(seconds: float) -> str:

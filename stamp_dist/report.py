@@ -219,6 +219,11 @@ def _markdown(run: BenchRun, rows: list[dict], summary: dict, plots: dict[str, l
                       if run.meta_training_seconds is not None else
                       f"the meta run (`{cfg['meta']['out']}/metrics.jsonl`) does not record its wall time."), "",
     ]
+    if run.generator:
+        g, gm = run.generator, run.generator["meta"]
+        lines += [f"STAMP: generator `{g['path']}` (step {g['step']} of a {gm['steps']}-step meta-training run, "
+                  f"meta-batch {gm['meta_batch']}, task families `{gm['task_families']}`), masks with "
+                  f"`prune.allocation: {g['allocation']}`, {g['adapt_steps']} adaptation steps.", ""]
     lines += ["## Overview: top-1 % after fine-tuning (mean ± std over seeds; bold: best pruning method)", "",
               overview_table(rows), "",
               "Before fine-tuning (mean top-1 % of each pruned network with its prototype head, no training: the "
@@ -422,7 +427,7 @@ def write_report(run: BenchRun, out: str | Path, command: str | None = None) -> 
     plot_time(rows, out / "plots/time_to_model.png")
     plots["time"].append("plots/time_to_model.png")
     report = {"command": command, "machine": run.machine, "meta_training_seconds": run.meta_training_seconds,
-              "groups": run.groups, "rows": rows, **summary, "plots": plots, "cells": run.cells,
+              "generator": run.generator, "groups": run.groups, "rows": rows, **summary, "plots": plots, "cells": run.cells,
               "config": run.config}
     write_json(out / "report.json", report)
     with atomic_file(out / "report.md") as tmp:

@@ -9,15 +9,19 @@ def test_stamp_bench_writes_report_json_and_plots_then_reuses_cells(tiny_run, ti
     out = tmp_path / "bench"
     args = ["bench", "-c", str(DEMO_YAML), *TINY, f"data.root={tiny_run}/data", f"pretrain.out={tiny_run}/pretrain",
             f"meta.out={tiny_generator}", f"bench.out={out}", f"bench.targets=[{tiny_run}/data/targets/digits]",
-            "bench.methods=[random,stamp]", "bench.num_threads=1"]
+            "bench.methods=[random,stamp]", "bench.num_threads=1",
+            "meta.steps=9"]  # the generator was meta-trained for 4: the report must say what it ran with
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "[1/2] random | digits | b=0.5 | 5/class | seed 0" in printed and "ETA" in printed
     assert (out / "report.md").is_file()
     report = json.loads((out / "report.json").read_text())
     for field in ("command", "machine", "meta_training_seconds", "groups", "rows", "cells", "stamp_vs_best",
-                  "discrimination", "time_ratios", "plots", "config"):
+                  "discrimination", "time_ratios", "plots", "config", "generator"):
         assert field in report, field
+    # the generator's own meta-training settings, not the bench config's defaults
+    assert report["generator"]["meta"]["steps"] == 4 and report["generator"]["allocation"] == "learned"
+    assert "4-step meta-training run" in (out / "report.md").read_text()
     assert report["command"].startswith("stamp bench -c")
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch_threads"] == 1
     assert [r["method"] for r in report["rows"]] == ["random", "stamp"]
