@@ -66,6 +66,12 @@ def test_uniform_allocation_keeps_the_same_fraction_of_the_top_scored_channels(n
     assert [m.tolist() for m in learned] == [m.tolist() for m in budget_mask(scores, cost, 0.3, round_to)]
 
 
+def test_uniform_allocation_full_budget_keeps_groups_that_are_not_multiples_of_round_to():
+    cost = _cost("resnet20")
+    masks = uniform_ratio_masks([torch.rand(c) for c in cost.groups.sizes], cost, 1.0, round_to=24)
+    assert all(m.all() for m in masks)  # 64-channel groups are no multiple of 24 and stay whole
+
+
 def test_unknown_allocation_and_unreachable_uniform_budget():
     cost = _cost("resnet20")
     scores = [torch.rand(c) for c in cost.groups.sizes]

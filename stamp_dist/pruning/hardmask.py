@@ -67,9 +67,10 @@ def hard_mask(scores: Sequence[torch.Tensor], cost: CostModel, budget: float, ro
 def uniform_ratio_masks(scores: Sequence[torch.Tensor], cost: CostModel, budget: float,
                         round_to: int = 1) -> list[torch.Tensor]:
     """Keep the same fraction of channels in every group (the top-scored ones; at least one, and with
-    ``round_to`` a multiple of it in groups that have that many), the fraction found by bisection so the
-    MACs ratio lands just under ``budget``. Ranking by score per MAC instead would strip the residual
-    stream (its channels feed many convs) to one channel under uninformative scores."""
+    ``round_to`` a multiple of it in groups that have that many, unless the group stays whole), the
+    fraction found by bisection so the MACs ratio lands just under ``budget``. Ranking by score per MAC
+    instead would strip the residual stream (its channels feed many convs) to one channel under
+    uninformative scores."""
     check_budget(budget)
     _check_round_to(round_to)
     check_masks(cost.groups, scores)
@@ -78,8 +79,8 @@ def uniform_ratio_masks(scores: Sequence[torch.Tensor], cost: CostModel, budget:
         out = []
         for s in scores:
             n = max(1, math.ceil(ratio * len(s)))
-            if len(s) >= round_to:
-                n = min(len(s) // round_to, math.ceil(n / round_to)) * round_to
+            if round_to <= len(s) and n < len(s):  # a whole group stays whole, as in budget_mask
+                n = min(len(s), math.ceil(n / round_to) * round_to)
             keep = torch.zeros(len(s), dtype=torch.bool)
             keep[torch.argsort(s.detach().cpu(), descending=True, stable=True)[:n]] = True
             out.append(keep)
