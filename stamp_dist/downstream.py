@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ALLOCATIONS, MetaConfig
+from .config import MetaConfig
 from .data.episodes import build_episode
 from .data.manifest import Manifest
 from .data.readers import Normalization, load_split
@@ -26,7 +26,7 @@ from .meta.objective import episode_loss, hard_masks, prototype_head
 from .meta.set_inputs import read_set
 from .models.backbones import Backbone
 from .pruning.groups import ChannelGroups
-from .pruning.hardmask import check_budget
+from .pruning.hardmask import check_allocation, check_budget
 from .pruning.spec import PruningSpec, save_pruned
 from .pruning.surgery import prune_model
 from .training import pick_device
@@ -143,8 +143,7 @@ def prune(generator: str | Path, data: str | Path, budget: float, out: str | Pat
     Returns the report (MACs, params, latency, seconds to produce the model).
     """
     check_budget(budget)
-    if allocation not in ALLOCATIONS:
-        raise StampError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    check_allocation(allocation)
     if Path(out).exists():
         raise StampError(f"output directory {out} already exists; choose another path or remove it")
     t0 = time.perf_counter()

@@ -427,8 +427,8 @@ def write_report(run: BenchRun, out: str | Path, command: str | None = None) -> 
     plot_time(rows, out / "plots/time_to_model.png")
     plots["time"].append("plots/time_to_model.png")
     report = {"command": command, "machine": run.machine, "meta_training_seconds": run.meta_training_seconds,
-              "generator": run.generator, "groups": run.groups, "rows": rows, **summary, "plots": plots, "cells": run.cells,
-              "config": run.config}
+              "generator": run.generator, "groups": run.groups, "rows": rows, **summary, "plots": plots,
+              "cells": run.cells, "config": run.config}
     write_json(out / "report.json", report)
     with atomic_file(out / "report.md") as tmp:
         tmp.write_text(_markdown(run, rows, summary, plots, command) + "\n")

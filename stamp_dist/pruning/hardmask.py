@@ -53,15 +53,18 @@ def check_budget(budget) -> None:
         raise StampError(f"budget must be a MACs ratio in (0, 1] (the fraction of dense MACs to keep), got {budget!r}")
 
 
+def check_allocation(allocation) -> None:
+    if allocation not in ALLOCATIONS:
+        raise StampError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+
+
 def hard_mask(scores: Sequence[torch.Tensor], cost: CostModel, budget: float, round_to: int = 1,
               allocation: str = "learned") -> list[torch.Tensor]:
     """Hard keep masks at ``budget`` from per-channel ``scores`` (keep probabilities for ``learned``)
     under the ``allocation`` rule (module docstring)."""
-    if allocation == "learned":
-        return budget_mask(scores, cost, budget, round_to)
-    if allocation == "uniform":
-        return uniform_ratio_masks(scores, cost, budget, round_to)
-    raise StampError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+    check_allocation(allocation)
+    rule = budget_mask if allocation == "learned" else uniform_ratio_masks
+    return rule(scores, cost, budget, round_to)
 
 
 def uniform_ratio_masks(scores: Sequence[torch.Tensor], cost: CostModel, budget: float,
