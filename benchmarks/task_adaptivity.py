@@ -31,18 +31,18 @@ from stamp_dist.atomic import write_json
 from stamp_dist.bench import TargetData, pruning_batch, split_sample
 from stamp_dist.downstream import build_pruned
 from stamp_dist.finetune import finetune_model
-from stamp_dist.config import load_config
+from stamp_dist.config import MetaConfig, load_config
 from stamp_dist.data.episodes import ClassPool, EpisodeSampler, split_classes, task_families
 from stamp_dist.data.manifest import Manifest
 from stamp_dist.data.readers import Normalization
 from stamp_dist.meta.artifact import load_generator
 from stamp_dist.meta.objective import adapted_logits, hard_masks
 from stamp_dist.meta.trainer import validation_episodes
-from stamp_dist.meta.set_inputs import SetInputs, read_set
+from stamp_dist.meta.set_inputs import SetInputs
 
 
 def read(gen, norm, x, n_way) -> SetInputs:
-    return read_set(gen.backbone, gen.groups, norm(x), n_way)
+    return gen.stamp.read(gen.backbone, gen.groups, norm(x), n_way)
 
 
 def embedding(gen, inputs: SetInputs) -> torch.Tensor:
@@ -66,8 +66,9 @@ def average_task(cfg, gen, norm, tasks: int = 50):
     statistics over ``tasks`` reference tasks, fed to the same generator whatever the target."""
     m = cfg.meta
     train, _ = split_classes(Manifest.load(cfg.data.reference).num_classes, m.val_classes, m.seed)
-    sampler = EpisodeSampler(ClassPool(cfg.data.reference, seed=123), train, m.n_way_min, m.n_way_max,
-                             cfg.bench.train_per_class, 0, 0.5, 0.5, seed=123)
+    task_cfg = MetaConfig(n_way_min=m.n_way_min, n_way_max=m.n_way_max, k_shot=cfg.bench.train_per_class,
+                          q_query=0, budget_min=0.5, budget_max=0.5)
+    sampler = EpisodeSampler(ClassPool(cfg.data.reference, seed=123), train, task_cfg, seed=123)
     reads = [read(gen, norm, (ep := sampler.sample()).support_x, ep.n_way) for _ in range(tasks)]
     constant = copy.deepcopy(gen.stamp)
     constant.encoder = ConstantEncoder(torch.stack([embedding(gen, r) for r in reads]).mean(0))
@@ -85,8 +86,9 @@ def family_episodes(cfg, tasks: int, budget: float) -> list:
     families = task_families(m.task_families, manifest, train, m.n_way_min)
     if not families:
         return []
-    sampler = EpisodeSampler(ClassPool(cfg.data.reference, "test", seed=7), train, m.n_way_min, m.n_way_max, m.k_shot,
-                             m.q_query, budget, budget, seed=7, families=families, family_tasks=1.0)
+    task_cfg = MetaConfig(n_way_min=m.n_way_min, n_way_max=m.n_way_max, k_shot=m.k_shot, q_query=m.q_query,
+                          budget_min=budget, budget_max=budget, family_tasks=1.0)
+    sampler = EpisodeSampler(ClassPool(cfg.data.reference, "test", seed=7), train, task_cfg, seed=7, families=families)
     return [sampler.sample() for _ in range(tasks)]
 
 

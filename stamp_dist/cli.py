@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 from .errors import StampError
 
-CONVERT_SOURCES = ("imagefolder", "cifar10", "cifar100", "svhn", "numpy", "wds")
+CONVERT_SOURCES = ("imagefolder", "cifar10", "cifar100", "svhn", "numpy", "wds", "idx")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

@@ -23,6 +23,8 @@ METHODS = ("dense", "random", "l1", "snip", "grasp", "synflow", "taylor", "magni
            "learn_gates", "stamp")
 BACKBONES = ("convnet", "resnet20", "resnet56", "resnet18", "resnet50", "vgg19_bn")
 ALLOCATIONS = ("learned", "uniform")  # prune.allocation: pruning/hardmask.py
+TASK_TRANSFORMS = ("gray", "invert", "lowres")  # meta.task_transforms: data/transforms.py
+CHANNEL_STATS = ("activity", "fisher", "taylor", "redundancy")  # meta.stats: meta/set_inputs.py
 
 
 @dataclass
@@ -33,6 +35,9 @@ class DataConfig:
     demo_classes: int = 64  # synthetic reference classes (the demo also holds out 16 more as a target)
     demo_train_per_class: int = 200
     demo_test_per_class: int = 50
+    # Fashion-MNIST's IDX files (Debian's dataset-fashion-mnist puts them here): the demo's second real
+    # target, written where they exist; "" leaves it out.
+    fashion_mnist: str = "/usr/share/datasets/fashion-mnist"
 
 
 @dataclass
@@ -68,6 +73,9 @@ class MetaConfig:
     first_order: bool = True
     learn_backbone: bool = False
     adapt_backbone: bool = False  # inner steps also update the backbone (else only the head)
+    # BatchNorm statistics a task is scored with: "running" (the reference's) or "support" (re-estimated on
+    # the task's support set, as fine-tuning on a target re-estimates them): meta/objective.py support_statistics.
+    bn_stats: str = "running"
     budget_min: float = 0.1
     budget_max: float = 0.6
     lr: float = 3e-3
@@ -77,6 +85,7 @@ class MetaConfig:
     straight_through: bool = False
     prior: str = "bernoulli"  # sparsity prior: bernoulli | beta_bernoulli | none
     prior_weight: float = 1e-4
+    prior_keep: Optional[float] = None  # the prior's keep rate; None = √b, the uniform rate of each task's budget
     budget_weight: float = 50.0
     encoder_dim: int = 128
     encoder_heads: int = 4
@@ -84,7 +93,16 @@ class MetaConfig:
     generator_hidden: int = 128
     task_families: str = "none"  # none | name_tokens | families.json: see data/episodes.py task_families
     family_tasks: float = 0.5  # fraction of meta-training tasks drawn inside one family (when there are families)
+    # Domain transforms applied to whole tasks (names in TASK_TRANSFORMS; data/transforms.py), each
+    # drawn with task_transform_prob: meta-training then sees targets unlike the reference data.
+    task_transforms: list[str] = field(default_factory=list)
+    task_transform_prob: float = 0.5
     channel_stats: bool = True  # the generator also reads per-channel statistics of the set (meta/set_inputs.py)
+    # How the generator spreads a budget over channel groups, in training and (unless prune.allocation says
+    # otherwise) when pruning: "learned" (its probabilities decide) or "uniform" (every group keeps the same
+    # fraction; the generator ranks channels within each group). See pruning/hardmask.py.
+    allocation: str = "learned"
+    stats: list[str] = field(default_factory=lambda: list(CHANNEL_STATS))  # which statistics (CHANNEL_STATS)
     val_every: int = 50
     val_tasks: int = 20
     val_classes: int = 8  # reference classes held out from meta-training for meta-validation
@@ -100,10 +118,8 @@ class PruneConfig:
     adapt_lr: float = 1e-2
     samples_per_class: int = 10  # images per class the set encoder reads
     round_to: int = 1
-    # How the budget is spread over channel groups: "learned" (the generator's probabilities decide
-    # how many channels each group keeps) or "uniform" (the same fraction in every group; the generator
-    # picks which channels; better for targets far from the reference data). Measurements: pruning/hardmask.py.
-    allocation: str = "learned"
+    # How the budget is spread over channel groups (see meta.allocation); None = the generator's own.
+    allocation: Optional[str] = None
     seed: int = 0
 
 
@@ -161,6 +177,7 @@ class BenchConfig:
 
     out: str = "runs/demo/results"
     targets: list[str] = field(default_factory=lambda: ["${data.root}/targets/digits",
+                                                        "${data.root}/targets/fashion_mnist",
                                                         "${data.root}/targets/synthetic_heldout"])
     methods: list[str] = field(default_factory=lambda: ["dense", "random", "stamp"])
     budgets: list[float] = field(default_factory=lambda: [0.25])
@@ -213,7 +230,9 @@ class StampConfig:
 CHOICES: dict[str, Sequence[Any]] = {
     "model.backbone": BACKBONES,
     "meta.prior": ("bernoulli", "beta_bernoulli", "none"),
-    "prune.allocation": ALLOCATIONS,
+    "meta.allocation": ALLOCATIONS,
+    "meta.bn_stats": ("running", "support"),
+    "prune.allocation": (None, *ALLOCATIONS),
     "runtime.backend": ("local", "ray"),
     "runtime.precision": ("fp32", "bf16"),
     "runtime.zero_stage": (0, 1, 2, 3),
@@ -262,6 +281,17 @@ def validate(cfg: StampConfig | DictConfig) -> None:
         if not 0 < budget <= 1:
             raise StampError(f"config key 'bench.budgets' has {budget}; budgets must be in (0, 1]")
     _validate_regimes(cfg.bench)
+    for name in cfg.meta.stats:
+        if name not in CHANNEL_STATS:
+            raise StampError(f"config key 'meta.stats' has {name!r}; valid choices: {', '.join(CHANNEL_STATS)}")
+    if cfg.meta.channel_stats and not cfg.meta.stats:
+        raise StampError("config key 'meta.stats' is empty while meta.channel_stats is true; name at least one "
+                         f"statistic ({', '.join(CHANNEL_STATS)}) or set meta.channel_stats=false")
+    for name in cfg.meta.task_transforms:
+        if name not in TASK_TRANSFORMS:
+            raise StampError(f"config key 'meta.task_transforms' has {name!r}; valid choices: {', '.join(TASK_TRANSFORMS)}")
+    if not 0 <= cfg.meta.task_transform_prob <= 1:
+        raise StampError(f"config key 'meta.task_transform_prob' is {cfg.meta.task_transform_prob}; it must be in [0, 1]")
     if not 0 <= cfg.meta.family_tasks <= 1:
         raise StampError(f"config key 'meta.family_tasks' is {cfg.meta.family_tasks}; it must be in [0, 1]")
     if cfg.finetune.backbone_lr < 0:

@@ -16,14 +16,13 @@ from pathlib import Path
 import torch
 
 from .config import MetaConfig
-from .data.episodes import build_episode
+from .data.episodes import Task, build_episode
 from .data.manifest import Manifest
 from .data.readers import Normalization, load_split
 from .errors import StampError
 from .measure import count_macs_params, latency_ms
 from .meta.artifact import Generator, load_generator
 from .meta.objective import episode_loss, hard_masks, prototype_head
-from .meta.set_inputs import read_set
 from .models.backbones import Backbone
 from .pruning.groups import ChannelGroups
 from .pruning.hardmask import check_allocation, check_budget
@@ -76,7 +75,7 @@ def adapt_generator(gen: Generator, target: Target, budget: float, steps: int, l
     norm = Normalization.of(gen.backbone_meta)
     for _ in range(steps):
         images = [c[torch.randperm(len(c), generator=rng)] for c in per_class]
-        episode = build_episode(images, list(range(target.num_classes)), k, budget)
+        episode = build_episode(images, Task(list(range(target.num_classes)), budget), k)
         out = episode_loss(gen.backbone, stamp, gen.groups, gen.cost, episode, norm, stamp_cfg(gen), rng)
         opt.zero_grad()
         out.loss.backward()
@@ -89,11 +88,12 @@ def stamp_cfg(gen: Generator) -> MetaConfig:
 
 
 def stamp_masks(gen: Generator, stamp, target: Target, budget: float, round_to: int = 1,
-                allocation: str = "learned") -> list[torch.Tensor]:
+                allocation: str | None = None) -> list[torch.Tensor]:
     """Read the target sample with the frozen backbone and turn the generator's keep
-    probabilities into hard masks at ``budget`` (``allocation``: see pruning/hardmask.py)."""
+    probabilities into hard masks at ``budget`` (``allocation``: see pruning/hardmask.py; None = the
+    generator's own)."""
     x = Normalization.of(gen.backbone_meta)(target.x.to(next(gen.backbone.parameters()).device))
-    return hard_masks(stamp, gen.cost, read_set(gen.backbone, gen.groups, x, target.num_classes), budget, round_to,
+    return hard_masks(stamp, gen.cost, stamp.read(gen.backbone, gen.groups, x, target.num_classes), budget, round_to,
                       allocation)
 
 
@@ -136,14 +136,15 @@ def save_pruned_for_target(out: str | Path, backbone: Backbone, backbone_meta: d
 
 
 def prune(generator: str | Path, data: str | Path, budget: float, out: str | Path, adapt_steps: int = 0,
-          adapt_lr: float = 1e-2, samples_per_class: int = 10, round_to: int = 1, allocation: str = "learned",
+          adapt_lr: float = 1e-2, samples_per_class: int = 10, round_to: int = 1, allocation: str | None = None,
           seed: int = 0, device: str = "auto") -> dict:
     """Prune the generator's backbone for the target dataset ``data``; write the pruned model to ``out``.
 
     Returns the report (MACs, params, latency, seconds to produce the model).
     """
     check_budget(budget)
-    check_allocation(allocation)
+    if allocation is not None:
+        check_allocation(allocation)
     if Path(out).exists():
         raise StampError(f"output directory {out} already exists; choose another path or remove it")
     t0 = time.perf_counter()
@@ -152,6 +153,7 @@ def prune(generator: str | Path, data: str | Path, budget: float, out: str | Pat
     target = load_target(data, samples_per_class, gen.backbone_meta)
     target.x, target.y = target.x.to(device), target.y.to(device)
     stamp = adapt_generator(gen, target, budget, adapt_steps, adapt_lr, seed) if adapt_steps else gen.stamp
+    allocation = allocation or gen.stamp.allocation
     masks = stamp_masks(gen, stamp, target, budget, round_to, allocation)
     seconds = time.perf_counter() - t0
     return save_pruned_for_target(out, gen.backbone, gen.backbone_meta, gen.groups, masks, target, "stamp", budget,

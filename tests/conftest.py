@@ -32,8 +32,29 @@ def tiny_config(root: Path, *overrides: str):
     from stamp_dist.config import load_config
 
     return load_config(DEMO_YAML, [*TINY, f"data.root={root}/data", f"data.reference={root}/data/reference",
+                                   f"data.fashion_mnist={root}/fashion_idx",
                                    f"pretrain.out={root}/pretrain", f"meta.out={root}/meta",
                                    f"bench.out={root}/results", *overrides])
+
+
+def write_fake_fashion_mnist(folder: Path, per_class: int = 8, seed: int = 0) -> Path:
+    """Fashion-MNIST's four IDX files at toy size (10 classes, 28×28 noise images), where Debian's
+    package puts them: what the demo reads for its second real target."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for split, n in (("train", per_class), ("t10k", per_class // 2)):
+        labels = np.repeat(np.arange(10, dtype=np.uint8), n)
+        images = rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            header = b"\0\0\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+            with gzip.open(folder / f"{split}-{kind}-ubyte.gz", "wb") as f:
+                f.write(header + array.tobytes())
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +64,7 @@ def tiny_run(tmp_path_factory) -> Path:
     from stamp_dist.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("tiny_run")
+    write_fake_fashion_mnist(root / "fashion_idx")
     cfg = tiny_config(root)
     make_demo_data(cfg.data.root, cfg.data)
     pretrain(cfg)

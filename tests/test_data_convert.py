@@ -3,8 +3,10 @@ converted through the CLI and read back with ``load_split``. The writers here ar
 test_data_errors.py."""
 
 import pickle
+from pathlib import Path
 
 import numpy as np
+import pytest
 import scipy.io
 import webdataset as wds
 from PIL import Image
@@ -243,3 +245,52 @@ def test_data_info_fields(tmp_path, capsys):
     assert row == ["train", "14", "2", "2", "14"]  # images, min/class, max/class, shards
     mean = x.reshape(-1, 3).mean(0) / 255
     assert f"{mean[0]:.4f}" in out
+
+
+def write_idx(path, array, gz=True):
+    """An IDX file as MNIST ships it: magic 00 00 08 <ndim>, big-endian uint32 dims, then the bytes."""
+    import gzip
+    import struct
+
+    data = b"\0\0\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+def write_mnist_layout(src, x_train, y_train, x_test=None, y_test=None, gz=True):
+    src.mkdir()
+    suffix = ".gz" if gz else ""
+    write_idx(src / f"train-images-idx3-ubyte{suffix}", x_train, gz)
+    write_idx(src / f"train-labels-idx1-ubyte{suffix}", y_train.astype(np.uint8), gz)
+    if x_test is not None:
+        write_idx(src / f"t10k-images-idx3-ubyte{suffix}", x_test, gz)
+        write_idx(src / f"t10k-labels-idx1-ubyte{suffix}", y_test.astype(np.uint8), gz)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_round_trip(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    x, tx = rng.integers(0, 256, (12, 6, 6), dtype=np.uint8), rng.integers(0, 256, (4, 6, 6), dtype=np.uint8)
+    y, ty = np.arange(12) % 3, np.array([2, 0, 1, 1])
+    write_mnist_layout(tmp_path / "src", x, y, tx, ty, gz=gz)
+    (tmp_path / "src" / "classes.txt").write_text("a\nb\nc\n")
+    convert("idx", tmp_path / "src", tmp_path / "out")
+    for split, (xs, ys) in {"train": (x, y), "test": (tx, ty)}.items():
+        got, labels, manifest = read(tmp_path / "out", split)
+        want, want_labels = by_class(np.repeat(xs[..., None], 3, axis=3), ys, 3)  # grayscale → RGB
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(labels, want_labels)
+    assert manifest.classes == ["a", "b", "c"]
+
+
+def test_fashion_mnist_package_converts(tmp_path):
+    """Debian's dataset-fashion-mnist (where installed): 60,000 + 10,000 images, 10 classes."""
+    from stamp_dist.config import DataConfig
+    from stamp_dist.data.convert import read_idx
+    from stamp_dist.data.demo import fashion_mnist_available
+
+    FASHION_MNIST = Path(DataConfig.fashion_mnist)
+    if not fashion_mnist_available(FASHION_MNIST):
+        pytest.skip(f"{FASHION_MNIST} not installed (apt-get install dataset-fashion-mnist)")
+    labels = read_idx(FASHION_MNIST / "t10k-labels-idx1-ubyte.gz")
+    assert labels.shape == (10000,) and np.bincount(labels).tolist() == [1000] * 10
+    assert read_idx(FASHION_MNIST / "train-images-idx3-ubyte.gz").shape == (60000, 28, 28)

@@ -219,3 +219,65 @@ def test_info_missing_shard(tmp_path, capsys):
     (tmp_path / "out" / "train" / "00001-0000.tar").unlink()
     err = fails(capsys, "data", "info", tmp_path / "out")
     assert "00001-0000.tar" in err and "missing" in err
+
+
+def _idx_source(tmp_path, n=6, labels=None):
+    from test_data_convert import write_mnist_layout
+
+    write_mnist_layout(tmp_path / "src", pixels(n)[..., 0], np.arange(n) % 2 if labels is None else labels)
+    return tmp_path / "src"
+
+
+def test_idx_wrong_magic_number(tmp_path, capsys):
+    src = _idx_source(tmp_path)
+    import gzip
+
+    gzip.open(src / "train-images-idx3-ubyte.gz", "wb").write(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    err = convert_fails(tmp_path, capsys, "idx", src)
+    assert "train-images-idx3-ubyte.gz" in err and "not an IDX file" in err and "magic" in err
+
+
+def test_idx_truncated_file(tmp_path, capsys):
+    src = _idx_source(tmp_path)
+    import gzip
+
+    data = gzip.open(src / "train-images-idx3-ubyte.gz").read()
+    gzip.open(src / "train-images-idx3-ubyte.gz", "wb").write(data[:-10])
+    err = convert_fails(tmp_path, capsys, "idx", src)
+    assert "train-images-idx3-ubyte.gz" in err and "truncated" in err
+
+
+def test_idx_truncated_header_claiming_a_huge_array(tmp_path, capsys):
+    """A 16-byte header that claims 4 × 10⁹ bytes: refused from the file's length, nothing allocated."""
+    import gzip
+    import struct
+
+    src = _idx_source(tmp_path)
+    gzip.open(src / "train-images-idx3-ubyte.gz", "wb").write(b"\0\0\x08\x03" + struct.pack(">3I", 1000000, 64, 64))
+    err = convert_fails(tmp_path, capsys, "idx", src)
+    assert "truncated" in err and "1000000×64×64" in err
+
+
+def test_idx_image_label_count_mismatch(tmp_path, capsys):
+    from test_data_convert import write_idx
+
+    src = _idx_source(tmp_path)
+    write_idx(src / "train-labels-idx1-ubyte.gz", np.zeros(5, dtype=np.uint8))
+    err = convert_fails(tmp_path, capsys, "idx", src)
+    assert "6 images" in err and "5 labels" in err
+
+
+def test_idx_labels_file_given_as_images(tmp_path, capsys):
+    import shutil
+
+    src = _idx_source(tmp_path)
+    shutil.copy(src / "train-labels-idx1-ubyte.gz", src / "train-images-idx3-ubyte.gz")
+    err = convert_fails(tmp_path, capsys, "idx", src)
+    assert "train-images-idx3-ubyte.gz" in err and "labels file" in err
+
+
+def test_idx_missing_labels(tmp_path, capsys):
+    src = _idx_source(tmp_path)
+    (src / "train-labels-idx1-ubyte.gz").unlink()
+    err = convert_fails(tmp_path, capsys, "idx", src)
+    assert "train-labels-idx1-ubyte" in err

@@ -13,7 +13,7 @@ from stamp_dist.data.manifest import Manifest
 from stamp_dist.data.readers import load_split
 from stamp_dist.errors import StampError
 
-SMALL = dict(demo_classes=6, demo_train_per_class=3, demo_test_per_class=2)
+SMALL = dict(demo_classes=6, demo_train_per_class=3, demo_test_per_class=2, fashion_mnist="")
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,24 @@ def test_rerun_reuses_and_conflicts_are_errors(made, tmp_path, capsys):
     with pytest.raises(StampError, match="demo_classes"):
         demo.make_demo_data(tmp_path / "y", DataConfig(demo_classes=len(demo.REFERENCE_COMBOS) + 1))
     assert not (tmp_path / "y").exists()
+
+
+def test_fashion_mnist_target_from_its_idx_files(tmp_path, capsys):
+    """Written beside the other targets when its IDX files exist (a class-balanced seeded subset, 28×28
+    grayscale → 32×32 RGB, named classes); absent files leave it out with a note naming the package."""
+    from conftest import write_fake_fashion_mnist
+
+    source = write_fake_fashion_mnist(tmp_path / "idx", per_class=6)
+    paths = demo.make_demo_data(tmp_path / "data", DataConfig(seed=0, **{**SMALL, "fashion_mnist": str(source)}))
+    m = Manifest.load(paths["fashion_mnist"])
+    assert m.classes == demo.FASHION_CLASSES and m.image_size == 32
+    assert m.split("train").counts == [6] * 10 and m.split("test").counts == [3] * 10
+    x, y = _arrays(paths["fashion_mnist"])["train"]
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])  # grayscale in three channels
+    assert y.tolist() == sorted(y.tolist())
+    # a re-run reuses it; a data directory made without it gains it once the files are there
+    assert demo.make_demo_data(tmp_path / "data", DataConfig(seed=0, **{**SMALL, "fashion_mnist": str(source)}))
+    without = demo.make_demo_data(tmp_path / "other", DataConfig(seed=0, **{**SMALL, "fashion_mnist": str(tmp_path / "none")}))
+    assert "fashion_mnist" not in without and "dataset-fashion-mnist" in capsys.readouterr().out
+    added = demo.make_demo_data(tmp_path / "other", DataConfig(seed=0, **{**SMALL, "fashion_mnist": str(source)}))
+    assert Manifest.load(added["fashion_mnist"]).num_classes == 10

@@ -60,7 +60,6 @@ def test_uniform_allocation_keeps_the_same_fraction_per_group(tiny_generator, di
 def test_keep_probabilities_depend_on_the_target_not_on_sample_order(tiny_generator, tiny_run):
     from stamp_dist.downstream import load_target
     from stamp_dist.meta.artifact import load_generator
-    from stamp_dist.meta.set_inputs import read_set
     from stamp_dist.models.generator import keep_probability
 
     gen = load_generator(tiny_generator)
@@ -68,7 +67,7 @@ def test_keep_probabilities_depend_on_the_target_not_on_sample_order(tiny_genera
 
     def probs(target, order=None):
         x = target.x if order is None else target.x.view(target.num_classes, -1, *target.x.shape[1:])[:, order]
-        inputs = read_set(gen.backbone, gen.groups, norm(x.reshape(-1, *target.x.shape[1:])), target.num_classes)
+        inputs = gen.stamp.read(gen.backbone, gen.groups, norm(x.reshape(-1, *target.x.shape[1:])), target.num_classes)
         with torch.no_grad():
             return torch.cat([keep_probability(a) for a in gen.stamp.eval()(inputs, 0.3)])
 

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from stamp_dist.config import MetaConfig
 from stamp_dist.data.episodes import ClassPool, EpisodeSampler, sample_task, split_classes, task_families
 from stamp_dist.data.shards import PerClassShardWriter
 from stamp_dist.errors import StampError
@@ -20,7 +21,8 @@ def dataset(tmp_path):
 
 def test_episode_shapes_labels_and_classes(dataset):
     pool = ClassPool(dataset, buffer_size=8)
-    sampler = EpisodeSampler(pool, [0, 1, 2, 3, 4], 2, 4, k_shot=2, q_query=3, budget_min=0.2, budget_max=0.5, seed=1)
+    m = MetaConfig(n_way_min=2, n_way_max=4, k_shot=2, q_query=3, budget_min=0.2, budget_max=0.5)
+    sampler = EpisodeSampler(pool, [0, 1, 2, 3, 4], m, seed=1)
     for _ in range(5):
         ep = sampler.sample()
         n = ep.n_way
@@ -37,7 +39,8 @@ def test_episode_shapes_labels_and_classes(dataset):
 
 def test_sampling_is_seeded(dataset):
     def draw(seed):
-        sampler = EpisodeSampler(ClassPool(dataset, seed=seed), list(range(6)), 2, 3, 1, 1, 0.1, 0.9, seed=seed)
+        m = MetaConfig(n_way_min=2, n_way_max=3, k_shot=1, q_query=1, budget_min=0.1, budget_max=0.9)
+        sampler = EpisodeSampler(ClassPool(dataset, seed=seed), list(range(6)), m, seed=seed)
         return [sampler.sample() for _ in range(3)]
 
     a, b, c = draw(0), draw(0), draw(1)
@@ -100,11 +103,39 @@ def test_json_families_and_their_errors(tmp_path):
 def test_family_tasks_stay_inside_one_family():
     families = [[0, 1, 2], [3, 4, 5]]
     rng = np.random.default_rng(0)
-    inside = [sample_task(rng, list(range(7)), 2, 3, 0.1, 0.5, families, family_tasks=1.0)[0] for _ in range(50)]
+    m = MetaConfig(n_way_min=2, n_way_max=3, budget_min=0.1, budget_max=0.5, family_tasks=1.0)
+    inside = [sample_task(rng, list(range(7)), m, families).classes for _ in range(50)]
     assert all(set(c) <= {0, 1, 2} or set(c) <= {3, 4, 5} for c in inside)
-    mixed = [sample_task(rng, list(range(7)), 3, 3, 0.1, 0.5, families, family_tasks=0.5)[0] for _ in range(200)]
+    m = MetaConfig(n_way_min=3, n_way_max=3, budget_min=0.1, budget_max=0.5, family_tasks=0.5)
+    mixed = [sample_task(rng, list(range(7)), m, families).classes for _ in range(200)]
     crossing = sum(not (set(c) <= {0, 1, 2} or set(c) <= {3, 4, 5}) for c in mixed)
     assert 50 < crossing < 150  # about half the tasks are drawn across all classes
     # Without families the draw is unchanged (no extra random number consumed).
-    a = sample_task(np.random.default_rng(1), list(range(7)), 2, 3, 0.1, 0.5)
-    assert a == sample_task(np.random.default_rng(1), list(range(7)), 2, 3, 0.1, 0.5, [], family_tasks=0.5)
+    m = MetaConfig(n_way_min=2, n_way_max=3, budget_min=0.1, budget_max=0.5, family_tasks=0.5)
+    a = sample_task(np.random.default_rng(1), list(range(7)), m)
+    assert a == sample_task(np.random.default_rng(1), list(range(7)), m, [])
+
+
+def test_task_transforms_are_drawn_per_task_and_applied_to_every_image(dataset):
+    m = MetaConfig(n_way_min=2, n_way_max=2, k_shot=1, q_query=1, task_transforms=["invert"], task_transform_prob=0.5)
+    sampler = EpisodeSampler(ClassPool(dataset, seed=0), list(range(6)), m, seed=0)
+    episodes = [sampler.sample() for _ in range(40)]
+    inverted = [ep for ep in episodes if ep.transforms == ("invert",)]
+    assert 5 < len(inverted) < 35 and all(ep.transforms in ((), ("invert",)) for ep in episodes)
+    for ep in episodes:  # the dataset's pixels are 10·class + index < 60: inverted ones are > 195
+        for x in (ep.support_x, ep.query_x):
+            assert bool((x > 195).all()) == (ep.transforms == ("invert",)) and bool((x < 60).all()) != bool((x > 195).all())
+
+
+def test_transforms_gray_and_lowres():
+    from stamp_dist.data.transforms import apply_task_transforms
+
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    gray = apply_task_transforms(x, ["gray"])
+    assert gray.dtype == torch.uint8 and torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
+    expected = (0.299 * x[:, 0].float() + 0.587 * x[:, 1].float() + 0.114 * x[:, 2].float()).round()
+    assert (gray[:, 0].float() - expected).abs().max() <= 1
+    low = apply_task_transforms(x, ["lowres"])
+    assert low.shape == x.shape and low.dtype == torch.uint8
+    # a quarter-resolution image carries no more than its 8x8 samples: neighbouring pixels are close
+    assert (low[..., 1:].float() - low[..., :-1].float()).abs().mean() < (x[..., 1:].float() - x[..., :-1].float()).abs().mean() / 3

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from stamp_dist.config import MetaConfig
-from stamp_dist.data.episodes import build_episode
+from stamp_dist.data.episodes import Task, build_episode
 from stamp_dist.data.readers import Normalization
 from stamp_dist.meta.objective import Stamp, episode_loss, prototype_head, validate_episode
 from stamp_dist.models.backbones import build_backbone
@@ -21,7 +21,7 @@ def setup(**overrides):
     stamp = Stamp(backbone.feature_dim, groups.sizes, cfg)
     gen = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 255, (5, 3, 16, 16), dtype=torch.uint8, generator=gen) for _ in range(3)]
-    episode = build_episode(images, [4, 7, 9], k_shot=2, budget=0.4)
+    episode = build_episode(images, Task([4, 7, 9], 0.4), k_shot=2)
     return cfg, backbone, groups, cost, stamp, episode
 
 
@@ -67,3 +67,59 @@ def test_validation_uses_hard_mask_at_budget():
     acc, ratio = validate_episode(backbone, stamp.eval(), groups, cost, episode, NORM, cfg)
     assert 0 <= acc <= 1
     assert abs(ratio - episode.budget) <= 0.02
+
+
+def test_support_statistics_score_with_the_support_sets_batchnorm_statistics():
+    from stamp_dist.meta.objective import support_statistics
+
+    model = build_backbone("resnet20", 3, width=4).eval()
+    bn = model.bn1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    support, query = torch.randn(8, 3, 16, 16) * 3 + 1, torch.randn(4, 3, 16, 16)
+    with support_statistics(model):
+        model(support)  # first batch: normalised with its own statistics, which the layers then keep
+        mean, var = bn.running_mean.clone(), bn.running_var.clone()
+        out = model(query)
+    stem = torch.nn.functional.conv2d(support, model.conv1.weight, padding=1)
+    torch.testing.assert_close(mean, stem.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var, stem.var((0, 2, 3), unbiased=True), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(out, model(query))  # outside the block the reference statistics are back
+    assert not model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with support_statistics(model, enabled=False):
+        torch.testing.assert_close(model(query), model(query))
+
+
+@pytest.mark.parametrize("overrides", [{"bn_stats": "support"}, {"allocation": "uniform"},
+                                       {"task_transforms": ["gray"], "stats": ["taylor", "redundancy"]}])
+def test_objective_variants_train(overrides):
+    cfg, backbone, groups, cost, stamp, episode = setup(**overrides)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    out = episode_loss(backbone, stamp, groups, cost, episode, NORM, cfg, torch.Generator().manual_seed(1))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in stamp.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())  # BN statistics untouched
+
+
+def test_uniform_generator_keeps_the_same_expected_fraction_in_every_group():
+    from stamp_dist.models.generator import MaskGenerator, budget_offset
+
+    torch.manual_seed(0)
+    gen = MaskGenerator([4, 8, 16], embed_dim=4, hidden=8, uniform=True)
+    torch.nn.init.normal_(gen.channel_bias, std=3.0)  # a trained-looking generator with strong preferences
+    offset = float(budget_offset(torch.tensor(0.3)))
+    learned = MaskGenerator([4, 8, 16], embed_dim=4, hidden=8)
+    learned.load_state_dict(gen.state_dict())
+    with torch.no_grad():
+        for a in gen(torch.randn(4), 0.3):
+            assert abs(float(a.mean()) - offset) < 1e-5
+        assert max(abs(float(a.mean()) - offset) for a in learned(torch.randn(4), 0.3)) > 0.1
+
+
+def test_prior_pulls_towards_the_budgets_uniform_keep_rate():
+    from stamp_dist.models.generator import prior_keep_rate, prior_kl
+
+    assert prior_keep_rate(None, 0.25) == 0.5 and prior_keep_rate(0.7, 0.25) == 0.7
+    logit = lambda p: torch.full((6,), float(torch.tensor(p).logit()))  # noqa: E731
+    at = prior_kl([logit(0.5)], "bernoulli", prior_keep_rate(None, 0.25))
+    away = prior_kl([logit(0.5)], "bernoulli", prior_keep_rate(None, 0.04))
+    assert at.abs() < 1e-6 and away > 0.1

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from stamp_dist.meta.set_inputs import NUM_STATS, channel_statistics, read_set
+from stamp_dist.config import CHANNEL_STATS
+from stamp_dist.meta.set_inputs import LEGACY_STATS, channel_statistics, read_set
 from stamp_dist.models.backbones import build_backbone
 from stamp_dist.models.generator import MaskGenerator
 from stamp_dist.pruning.groups import discover_groups
@@ -17,6 +18,9 @@ def _acts(n_way=4, k=6, seed=0):
     return acts
 
 
+NUM_STATS = len(LEGACY_STATS)
+
+
 def test_separating_channel_has_the_highest_fisher_ratio():
     stats = channel_statistics(_acts(), n_way=4)
     assert stats.shape == (3, NUM_STATS)
@@ -26,22 +30,53 @@ def test_separating_channel_has_the_highest_fisher_ratio():
     torch.testing.assert_close(stats.mean(0), torch.zeros(NUM_STATS), atol=1e-5, rtol=0)  # standardised per group
 
 
-def test_statistics_are_a_function_of_the_set():
+def test_a_copied_channel_is_redundant():
     acts = _acts()
-    per_class = acts.view(4, 6, *acts.shape[1:])
-    shuffled = per_class[torch.tensor([2, 0, 3, 1])][:, torch.tensor([5, 1, 0, 4, 3, 2])].reshape(acts.shape)
-    torch.testing.assert_close(channel_statistics(shuffled, 4), channel_statistics(acts, 4))
-    other = channel_statistics(_acts(seed=1) * torch.tensor([1.0, 4.0, 1.0]).view(1, 3, 1, 1), 4)
-    assert not torch.allclose(other, channel_statistics(acts, 4))
+    acts = torch.cat([acts, 2 * acts[:, :1]], dim=1)  # channel 3 = 2 × channel 0
+    (redundancy,) = channel_statistics(acts, 4, ["redundancy"]).T
+    assert set(redundancy.topk(2).indices.tolist()) == {0, 3}
+
+
+def test_taylor_statistic_is_the_mask_gradient_per_image():
+    """``taylor`` = Σ_images |∂L_i/∂m_c| at m = 1 for a mask m scaling the group's channels at all its mask
+    points: checked against an independent computation through the masked forward."""
+    import torch.nn.functional as F
+
+    from stamp_dist.meta.set_inputs import _log, _standardise
+    from stamp_dist.pruning.masking import masked
+
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet20", 3, width=4).double().eval().requires_grad_(False)  # float64: exact enough
+    groups = discover_groups(backbone, torch.zeros(1, 3, 16, 16, dtype=torch.float64))
+    x = torch.randn(3 * 4, 3, 16, 16, dtype=torch.float64) + torch.arange(3).repeat_interleave(4).view(-1, 1, 1, 1)
+    y = torch.arange(3).repeat_interleave(4)
+    inputs = read_set(backbone, groups, x, 3, CHANNEL_STATS)
+    assert [tuple(s.shape) for s in inputs.channel_stats] == [(c, len(CHANNEL_STATS)) for c in groups.sizes]
+    with torch.no_grad():
+        feats = backbone.forward_features(x)
+    protos = torch.stack([feats[y == c].mean(0) for c in range(3)])
+    sq = (protos**2).sum(1)
+    w, b = 2 * protos / sq.mean(), -sq / sq.mean()
+    expected = [torch.zeros(c, dtype=torch.float64) for c in groups.sizes]
+    for i in range(len(x)):
+        masks = [torch.ones(c, dtype=torch.float64, requires_grad=True) for c in groups.sizes]
+        with masked(backbone, groups, masks):
+            loss = F.cross_entropy(F.linear(backbone.forward_features(x[i:i + 1]), w, b), y[i:i + 1], reduction="sum")
+        for e, g in zip(expected, torch.autograd.grad(loss, masks)):
+            e += g.abs()
+    column = CHANNEL_STATS.index("taylor")
+    for stats, e in zip(inputs.channel_stats, expected):
+        torch.testing.assert_close(stats[:, column], _standardise(_log(e)).float(), atol=1e-4, rtol=0)
+    assert all(p.grad is None for p in backbone.parameters())
 
 
 def test_read_set_matches_backbone_and_groups():
     backbone = build_backbone("resnet20", 10, width=8).eval()
     groups = discover_groups(backbone, torch.zeros(1, 3, 16, 16))
     x = torch.randn(3 * 4, 3, 16, 16)
-    inputs = read_set(backbone, groups, x, n_way=3)
+    inputs = read_set(backbone, groups, x, n_way=3, stats=CHANNEL_STATS)
     torch.testing.assert_close(inputs.features.reshape(12, -1), backbone.forward_features(x))
-    assert [tuple(s.shape) for s in inputs.channel_stats] == [(c, NUM_STATS) for c in groups.sizes]
+    assert [tuple(s.shape) for s in inputs.channel_stats] == [(c, len(CHANNEL_STATS)) for c in groups.sizes]
     assert all(torch.isfinite(s).all() for s in inputs.channel_stats)
     assert not any(h for m in backbone.modules() for h in m._forward_hooks.values())  # hooks removed
 

@@ -10,7 +10,9 @@ sources (CIFAR, SVHN, npz) are small and are loaded whole, one file at a time.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import pickle
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,8 @@ LAYOUTS = {
     "svhn": "SVHN .mat data (a directory with train_32x32.mat [+ test_32x32.mat], or one .mat file)",
     "numpy": "numpy arrays (an .npz with x and y [+ class_names], or a directory with train.npz [+ test.npz])",
     "wds": "class-mixed WebDataset shards (a directory of .tar files with {key}.jpg|png + {key}.cls, or one .tar)",
+    "idx": "IDX (MNIST-format) files: a directory with train-images-idx3-ubyte + train-labels-idx1-ubyte "
+           "[+ t10k-images-idx3-ubyte + t10k-labels-idx1-ubyte], each optionally .gz, [+ classes.txt]",
 }
 
 
@@ -67,6 +71,8 @@ def _guess_kind(src: Path) -> str | None:
         return "cifar10"
     if "cifar-100-python" in names or (train.is_file() and "meta" in names):
         return "cifar100"
+    if any("-ubyte" in n for n in names):
+        return "idx"
     files = names | ({p.name for p in train.iterdir()} if train.is_dir() else set())
     for suffix, kind in ((".mat", "svhn"), (".npz", "numpy"), (".tar", "wds")):
         if any(n.endswith(suffix) for n in files):
@@ -332,6 +338,82 @@ def _wds(src: Path) -> Source:
     return Source(classes, items())
 
 
+# IDX element types (the third magic byte) → numpy dtype; multi-byte values are big-endian.
+IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+             0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+# File names of the train/test pairs: MNIST's own (train-images-idx3-ubyte) and the dotted variant
+# some mirrors use (train-images.idx3-ubyte); split → (images, labels) name stems.
+IDX_FILES = {"train": ("train-images", "train-labels"), "test": ("t10k-images", "t10k-labels")}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """One IDX file (raw or gzip) as an array, its header checked against its length before the data
+    is read, so a damaged or foreign file fails with its name instead of a huge allocation."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in IDX_TYPES or not 1 <= head[3] <= 4:
+                raise StampError(f"{path}: not an IDX file (magic number {head.hex() or 'missing'}; expected "
+                                 "00 00 <type 08-0E> <1-4 dimensions>, e.g. 00000803 for MNIST images)")
+            dtype, ndim = IDX_TYPES[head[2]], head[3]
+            dims_raw = f.read(4 * ndim)
+            if len(dims_raw) < 4 * ndim:
+                raise StampError(f"{path}: truncated IDX header; re-download or re-extract the file")
+            dims = struct.unpack(f">{ndim}I", dims_raw)
+            size = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+            data = f.read(size + 1)  # one byte more than the header promises: detects trailing data
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise StampError(f"{path}: cannot read ({type(e).__name__}: {e}); re-download or re-extract the file") from None
+    if len(data) != size:
+        what = "truncated" if len(data) < size else "longer than its header says"
+        raise StampError(f"{path}: {what} (header {'×'.join(map(str, dims))} = {size} bytes of data, file has "
+                         f"{len(data) if len(data) <= size else 'more'}); re-download or re-extract the file")
+    return np.frombuffer(data, dtype=dtype).reshape(dims)
+
+
+def _idx_file(src: Path, stem: str, kind: str) -> Path | None:
+    """``stem-idxN-ubyte`` or ``stem.idxN-ubyte``, raw or .gz (N = 3 for images, 1 for labels)."""
+    n = 3 if kind == "images" else 1
+    names = [f"{stem}{sep}idx{n}-ubyte{gz}" for sep in ("-", ".") for gz in ("", ".gz")]
+    found = [src / name for name in names if (src / name).is_file()]
+    if len(found) > 1:
+        raise StampError(f"{src}: both {found[0].name} and {found[1].name}; keep one")
+    return found[0] if found else None
+
+
+def _idx(src: Path) -> Source:
+    if not src.is_dir():
+        raise _mismatch("idx", src, "it is a file; give the directory holding the -images- and -labels- files")
+    parts = []
+    for split, (images_stem, labels_stem) in IDX_FILES.items():
+        images, labels = _idx_file(src, images_stem, "images"), _idx_file(src, labels_stem, "labels")
+        if images is None and labels is None and split == "test":
+            continue
+        if images is None or labels is None:
+            missing = f"{images_stem}-idx3-ubyte" if images is None else f"{labels_stem}-idx1-ubyte"
+            raise _mismatch("idx", src, f"no {missing}[.gz] beside the {split} "
+                                        f"{'labels' if images is None else 'images'}")
+        x, y = read_idx(images), read_idx(labels)
+        if x.ndim != 3:
+            hint = " (it looks like a labels file)" if x.ndim == 1 else ""
+            raise StampError(f"{images}: holds a {x.ndim}-dimensional array {x.shape}{hint}; an images file has "
+                             "3 dimensions (N×H×W); check which file is which")
+        if y.ndim != 1:
+            raise StampError(f"{labels}: holds a {y.ndim}-dimensional array {y.shape}; a labels file has 1 "
+                             "dimension (N); check which file is which")
+        if len(x) != len(y):
+            raise StampError(f"{images} has {len(x)} images but {labels} has {len(y)} labels; they must come "
+                             "from the same release")
+        parts.append((split, *_check_arrays(x, y, images), images))
+    classes = None
+    names_file = src / "classes.txt"
+    if names_file.is_file():
+        classes = _check_names([line.strip() for line in names_file.read_text().splitlines() if line.strip()],
+                               names_file)
+    return _array_source(classes, parts)
+
+
 READERS: dict[str, Callable[[Path], Source]] = {
     "imagefolder": _imagefolder,
     "cifar10": lambda src: _cifar("cifar10", src),
@@ -339,6 +421,7 @@ READERS: dict[str, Callable[[Path], Source]] = {
     "svhn": _svhn,
     "numpy": _numpy,
     "wds": _wds,
+    "idx": _idx,
 }
 
 

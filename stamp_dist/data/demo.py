@@ -5,6 +5,8 @@
     out/reference                    synthetic: ``demo_classes`` classes, shape × texture × colour
     out/targets/synthetic_heldout    synthetic: 16 classes of two shapes the reference never shows
     out/targets/digits               real: scikit-learn's ``load_digits`` (8×8 → 32×32), 1,500/297 split
+    out/targets/fashion_mnist        real: Fashion-MNIST (28×28 → 32×32), 500 train / 100 test images per class,
+                                     written only where Debian's ``dataset-fashion-mnist`` is installed
     out/demo.json                    the data config the directory was made with (the stage cache key)
 
 A synthetic class is one (shape, texture, colour family) combination. Every image draws its own
@@ -25,6 +27,7 @@ from PIL import Image
 
 from ..atomic import atomic_dir, read_json, write_json
 from ..errors import StampError
+from .convert import IDX_FILES, read_idx
 from .manifest import Manifest
 from .shards import PerClassShardWriter
 
@@ -204,9 +207,59 @@ def _write_digits(root: Path, seed: int) -> Manifest:
     return writer.finish()
 
 
+# --- real data: Fashion-MNIST (Debian's dataset-fashion-mnist) ------------------------------------
+
+FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle-boot"]
+# A seeded, class-balanced subset: the bench never uses more (50/class to prune and fine-tune on, 50/class
+# to score), and decoding all 70,000 images would cost the demo ~40 s for nothing.
+FASHION_PER_CLASS = {"train": 500, "test": 100}
+FASHION_INSTALL = "apt-get install -y dataset-fashion-mnist"
+
+
+def fashion_mnist_available(source: str | Path) -> bool:
+    return bool(str(source)) and (Path(source) / "train-images-idx3-ubyte.gz").is_file()
+
+
+def _write_fashion_mnist(root: Path, seed: int, source: Path) -> Manifest:
+    writer = PerClassShardWriter(root, FASHION_CLASSES, IMAGE_SIZE,
+                                 source=f"Fashion-MNIST ({source}; real photos of clothing, 28x28 upsampled to 32x32)")
+    rng = np.random.default_rng(seed)
+    for split, (images, labels) in IDX_FILES.items():
+        x = read_idx(source / f"{images}-idx3-ubyte.gz")
+        y = read_idx(source / f"{labels}-idx1-ubyte.gz")
+        for label in range(len(FASHION_CLASSES)):
+            idx = np.flatnonzero(y == label)
+            for i in np.sort(rng.choice(idx, size=min(len(idx), FASHION_PER_CLASS[split]), replace=False)):
+                writer.add(split, label, x[i])
+    return writer.finish()
+
+
+def add_fashion_mnist(out: Path, seed: int, source: str | Path) -> Path | None:
+    """Write ``out/targets/fashion_mnist`` from the IDX files in ``source`` (``data.fashion_mnist``) if they
+    exist and the target is not there yet; returns its path, or None (saying so) when they are absent."""
+    path = out / LAYOUT_REAL["fashion_mnist"]
+    if path.is_dir():
+        return path
+    if not fashion_mnist_available(source):
+        where = f"{source} has no train-images-idx3-ubyte.gz" if str(source) else "data.fashion_mnist is empty"
+        print(f"note: Fashion-MNIST is not available ({where}), so the demo runs without that real target; "
+              f"install it with `{FASHION_INSTALL}` and run again to add it")
+        return None
+    t0 = time.perf_counter()
+    with atomic_dir(path) as tmp:
+        m = _write_fashion_mnist(tmp, seed, Path(source))
+    counts = "  ".join(f"{sum(m.split(s).counts):>6} {s}" for s in ("train", "test"))
+    print(f"  {LAYOUT_REAL['fashion_mnist']:<27} {m.num_classes:>3} classes  {counts}  "
+          f"({time.perf_counter() - t0:.1f} s, real: Fashion-MNIST)")
+    return path
+
+
 # --- the demo directory ------------------------------------------------------------------------
 
 LAYOUT = {"reference": "reference", "synthetic_heldout": "targets/synthetic_heldout", "digits": "targets/digits"}
+# Targets added on their own when their source is installed (not part of the cache key in demo.json).
+LAYOUT_REAL = {"fashion_mnist": "targets/fashion_mnist"}
 
 
 def _demo_key(data_cfg) -> dict:
@@ -230,7 +283,7 @@ def make_demo_data(out: str | Path, data_cfg) -> dict[str, Path]:
         stored = read_json(out / "demo.json", "demo record") if (out / "demo.json").is_file() else None
         if stored == key:
             print(f"demo data in {out} is up to date (made with the same config); reusing it")
-            return paths
+            return _with_real_targets(out, paths, data_cfg)
         what = "was made with a different data config" if stored else "is not a demo data directory"
         raise StampError(f"{out} already exists and {what} (found {stored}, want {key}); "
                          "remove it or pass another output path")
@@ -251,6 +304,12 @@ def make_demo_data(out: str | Path, data_cfg) -> dict[str, Path]:
     for name, m in manifests.items():
         counts = "  ".join(f"{sum(m.split(s).counts):>6} {s}" for s in ("train", "test"))
         print(f"  {LAYOUT[name]:<27} {m.num_classes:>3} classes  {counts}")
+    paths = _with_real_targets(out, paths, data_cfg)
     print("  note: reference and synthetic_heldout are synthetic (procedural shape × texture × colour images); "
-          "digits is real (scikit-learn's handwritten digits, upsampled).")
+          "digits and fashion_mnist are real (handwritten digits, photos of clothing; upsampled).")
     return paths
+
+
+def _with_real_targets(out: Path, paths: dict[str, Path], data_cfg) -> dict[str, Path]:
+    fashion = add_fashion_mnist(out, int(data_cfg.seed), data_cfg.fashion_mnist)
+    return paths | ({"fashion_mnist": fashion} if fashion is not None else {})

@@ -17,9 +17,21 @@ import numpy as np
 import torch
 
 from ..atomic import read_json
+from ..config import MetaConfig
 from ..errors import StampError
 from .manifest import Manifest
 from .readers import iter_class
+from .transforms import apply_task_transforms
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a task is, decided before any image is read: its classes (reference ids, in task-label
+    order), its budget, and the domain transforms applied to all of its images (data/transforms.py)."""
+
+    classes: list[int]
+    budget: float
+    transforms: tuple[str, ...] = ()
 
 
 @dataclass
@@ -30,6 +42,7 @@ class Episode:
     query_y: torch.Tensor
     classes: list[int]  # reference class ids, in task-label order
     budget: float
+    transforms: tuple[str, ...] = ()
 
     @property
     def n_way(self) -> int:
@@ -127,48 +140,47 @@ def task_families(spec: str, manifest: Manifest, classes: list[int], n_way_min: 
     return [sorted(g) for _, g in sorted(groups.items()) if n_way_min <= len(g) < len(classes)]
 
 
-def sample_task(rng: np.random.Generator, classes: list[int], n_way_min: int, n_way_max: int,
-                budget_min: float, budget_max: float, families: list[list[int]] = (),
-                family_tasks: float = 0.0) -> tuple[list[int], float]:
-    """Which classes and which budget a task uses (cheap; decided before any image is read).
-    With ``families``, a fraction ``family_tasks`` of tasks draws its classes inside one family."""
-    if families and rng.random() < family_tasks:
+def sample_task(rng: np.random.Generator, classes: list[int], m: MetaConfig,
+                families: list[list[int]] = ()) -> Task:
+    """Which classes, budget and domain transforms a task uses (cheap; decided before any image is read).
+    With ``families``, a fraction ``m.family_tasks`` of tasks draws its classes inside one family; each of
+    ``m.task_transforms`` applies with probability ``m.task_transform_prob`` (drawn only when some are
+    configured, so runs without them keep their task stream)."""
+    if families and rng.random() < m.family_tasks:
         classes = families[int(rng.integers(len(families)))]
-    n_max = min(n_way_max, len(classes))
+    n_max = min(m.n_way_max, len(classes))
     if n_max < 2:
         raise StampError(f"need at least 2 classes to build a task, have {len(classes)}")
-    n = int(rng.integers(min(n_way_min, n_max), n_max + 1))
+    n = int(rng.integers(min(m.n_way_min, n_max), n_max + 1))
     chosen = sorted(rng.choice(classes, size=n, replace=False).tolist())
-    budget = float(rng.uniform(budget_min, budget_max))
-    return chosen, budget
+    budget = float(rng.uniform(m.budget_min, m.budget_max))
+    transforms = tuple(t for t in m.task_transforms if rng.random() < m.task_transform_prob)
+    return Task(chosen, budget, transforms)
 
 
-def build_episode(images_per_class: list[torch.Tensor], classes: list[int], k_shot: int, budget: float) -> Episode:
-    """Split each class's ``k_shot + q`` images into support and query sets."""
+def build_episode(images_per_class: list[torch.Tensor], task: Task, k_shot: int) -> Episode:
+    """Split each class's ``k_shot + q`` images into support and query sets, after the task's transforms."""
     sx, sy, qx, qy = [], [], [], []
     for i, x in enumerate(images_per_class):
+        x = apply_task_transforms(x, task.transforms)
         sx.append(x[:k_shot])
         qx.append(x[k_shot:])
         sy.append(torch.full((k_shot,), i, dtype=torch.long))
         qy.append(torch.full((len(x) - k_shot,), i, dtype=torch.long))
-    return Episode(torch.cat(sx), torch.cat(sy), torch.cat(qx), torch.cat(qy), list(classes), budget)
+    return Episode(torch.cat(sx), torch.cat(sy), torch.cat(qx), torch.cat(qy), list(task.classes), task.budget,
+                   task.transforms)
 
 
 class EpisodeSampler:
     """Draws tasks from a ``ClassPool`` restricted to ``classes`` (meta-train or meta-val ids)."""
 
-    def __init__(self, pool: ClassPool, classes: list[int], n_way_min: int, n_way_max: int, k_shot: int,
-                 q_query: int, budget_min: float, budget_max: float, seed: int = 0,
-                 families: list[list[int]] = (), family_tasks: float = 0.0):
-        self.pool, self.classes = pool, list(classes)
-        self.families, self.family_tasks = list(families), family_tasks
-        self.n_way = (n_way_min, n_way_max)
-        self.k_shot, self.q_query = k_shot, q_query
-        self.budget = (budget_min, budget_max)
+    def __init__(self, pool: ClassPool, classes: list[int], m: MetaConfig, seed: int = 0,
+                 families: list[list[int]] = ()):
+        self.pool, self.classes, self.cfg = pool, list(classes), m
+        self.families = list(families)
         self.rng = np.random.default_rng(seed)
 
     def sample(self) -> Episode:
-        chosen, budget = sample_task(self.rng, self.classes, *self.n_way, *self.budget, self.families,
-                                     self.family_tasks)
-        images = [self.pool.get(c, self.k_shot + self.q_query) for c in chosen]
-        return build_episode(images, chosen, self.k_shot, budget)
+        task = sample_task(self.rng, self.classes, self.cfg, self.families)
+        images = [self.pool.get(c, self.cfg.k_shot + self.cfg.q_query) for c in task.classes]
+        return build_episode(images, task, self.cfg.k_shot)

@@ -31,7 +31,6 @@ from ..config import StampConfig
 from ..data.episodes import Episode
 from ..errors import StampError
 from ..meta.objective import check_finite, episode_loss, episode_rng, hard_masks
-from ..meta.set_inputs import read_set
 from ..meta.trainer import MetaModel, summarize
 
 ENGINE_TAG = "engine"  # DeepSpeed checkpoint tag inside a Ray Train checkpoint directory
@@ -109,7 +108,7 @@ class Learner:
         per_task = []
         with self.autocast():
             for ep in episodes:
-                inputs = read_set(mm.backbone, mm.groups, mm.norm(ep.support_x.to(self.device)), ep.n_way)
+                inputs = mm.stamp.read(mm.backbone, mm.groups, mm.norm(ep.support_x.to(self.device)), ep.n_way)
                 per_task.append([float(k.float().mean()) for k in hard_masks(mm.stamp, mm.cost, inputs, ep.budget)])
         return np.mean(per_task, axis=0).tolist()
 

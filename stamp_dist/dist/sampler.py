@@ -21,7 +21,7 @@ import ray
 import torch
 
 from ..config import MetaConfig, StampConfig
-from ..data.episodes import ClassPool, Episode, build_episode, sample_task
+from ..data.episodes import ClassPool, Episode, Task, build_episode, sample_task
 from ..errors import StampError
 
 NAMESPACE = "stamp_dist"
@@ -101,8 +101,7 @@ class SamplerPool:
 @dataclass
 class _Request:
     step: int
-    classes: list[int]
-    budget: float
+    task: Task
     images: list[ray.ObjectRef]
 
 
@@ -120,10 +119,8 @@ class EpisodeStream:
     def _request(self, position: int) -> _Request:
         m = self.cfg
         step, index = divmod(position, self.count)
-        chosen, budget = sample_task(task_rng(m.seed, step, self.first + index), self.classes,
-                                     m.n_way_min, m.n_way_max, m.budget_min, m.budget_max, self.families,
-                                     m.family_tasks)
-        return _Request(step, chosen, budget, [self.pool.request(c, m.k_shot + m.q_query) for c in chosen])
+        task = sample_task(task_rng(m.seed, step, self.first + index), self.classes, m, self.families)
+        return _Request(step, task, [self.pool.request(c, m.k_shot + m.q_query) for c in task.classes])
 
     def _top_up(self) -> None:
         end = self.cfg.steps * self.count
@@ -140,7 +137,7 @@ class EpisodeStream:
             req = self._pending.popleft()
             if req.step != step:
                 raise RuntimeError(f"episode stream is at meta-step {req.step}, asked for {step}")
-            episodes.append(build_episode(ray.get(req.images), req.classes, self.cfg.k_shot, req.budget))
+            episodes.append(build_episode(ray.get(req.images), req.task, self.cfg.k_shot))
         wait = time.perf_counter() - t
         self._top_up()
         return episodes, wait

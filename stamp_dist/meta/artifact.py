@@ -29,6 +29,7 @@ from ..models.backbones import Backbone
 from ..pruning.groups import ChannelGroups, discover_groups
 from ..pruning.macs import CostModel
 from .objective import Stamp
+from .set_inputs import LEGACY_STATS
 
 FORMAT = "stamp_dist/generator/v1"
 
@@ -112,8 +113,10 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
     groups = discover_groups(backbone, torch.zeros(1, 3, size, size, device=device))
     if group_layout(groups) != info["groups"]:
         raise StampError(f"{path}: the backbone's channel groups differ from the generator's group layout")
-    # Generators saved before ``meta.channel_stats`` existed were built without statistics.
-    stamp = Stamp(backbone.feature_dim, groups.sizes, MetaConfig(**{"channel_stats": False, **info["meta"]}))
+    # Generators saved before ``meta.channel_stats`` / ``meta.stats`` existed were built without statistics /
+    # with the first two.
+    legacy = {"channel_stats": False, "stats": list(LEGACY_STATS), "allocation": "learned"}
+    stamp = Stamp(backbone.feature_dim, groups.sizes, MetaConfig(**{**legacy, **info["meta"]}))
     stamp.load_state_dict(load_file(str(path / "generator.safetensors"), device=str(device)))
     cost = CostModel(backbone, groups, (3, size, size))
     return Generator(stamp.to(device).eval(), backbone, backbone_meta, groups, cost, info, path)

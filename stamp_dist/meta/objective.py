@@ -7,6 +7,7 @@ gate the backbone's channels) and through the expected MACs ratio (which depends
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,19 +15,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..config import MetaConfig
 from ..data.episodes import Episode
 from ..data.readers import Normalization
 from ..errors import StampError
 from ..models.backbones import Backbone
-from ..models.generator import MaskGenerator, budget_penalty, hard_concrete_sample, keep_probability, prior_kl
+from ..models.generator import (MaskGenerator, budget_penalty, hard_concrete_sample, keep_probability, prior_keep_rate,
+                                prior_kl)
 from ..models.set_encoder import SetEncoder
 from ..pruning.groups import ChannelGroups
 from ..pruning.hardmask import hard_mask
 from ..pruning.macs import CostModel
 from ..pruning.masking import masked
-from .set_inputs import NUM_STATS, SetInputs, read_set
+from .set_inputs import SetInputs, read_set
 
 
 class Stamp(nn.Module):
@@ -35,15 +38,20 @@ class Stamp(nn.Module):
 
     def __init__(self, feature_dim: int, group_sizes: list[int], cfg: MetaConfig):
         super().__init__()
-        self.use_stats = cfg.channel_stats
+        self.stats = tuple(cfg.stats) if cfg.channel_stats else ()  # what read_set must compute for it
         self.encoder = SetEncoder(feature_dim, cfg.encoder_dim, cfg.encoder_heads, cfg.encoder_inducing)
+        self.allocation = cfg.allocation
         self.generator = MaskGenerator(group_sizes, cfg.encoder_dim, cfg.generator_hidden,
-                                       channel_stats=NUM_STATS if cfg.channel_stats else 0)
+                                       channel_stats=len(self.stats), uniform=cfg.allocation == "uniform")
 
     def forward(self, inputs: SetInputs, budget: float) -> list[torch.Tensor]:
         """What was read from a set (:func:`read_set`) and a MACs budget → per-group keep-logits."""
         return self.generator(self.encoder(inputs.features), budget,
-                              inputs.channel_stats if self.use_stats else None)
+                              inputs.channel_stats if self.stats else None)
+
+    def read(self, backbone: Backbone, groups: ChannelGroups, x: torch.Tensor, n_way: int) -> SetInputs:
+        """What this module reads from a set of normalised, class-grouped images (:func:`read_set`)."""
+        return read_set(backbone, groups, x, n_way, self.stats or ("activity",))
 
 
 @dataclass
@@ -87,14 +95,45 @@ def inner_loop(params: dict[str, torch.Tensor], loss_fn, steps: int, lr: float, 
     return params
 
 
+@contextlib.contextmanager
+def support_statistics(model: nn.Module, enabled: bool = True):
+    """Within the block, BatchNorm layers normalise the first batch they see with its own statistics
+    (gradients included) and keep those statistics for every later batch; on exit the model's own
+    statistics and modes are back. A pruned network's BN statistics are re-estimated on the target as
+    soon as it is fine-tuned, so scoring a mask under the reference's statistics would misjudge it on a
+    target from another domain (``meta.bn_stats: support``)."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats] if enabled else []
+    saved = [(m.training, m.momentum, m.running_mean, m.running_var, m.num_batches_tracked) for m in norms]
+    first = set(norms)
+
+    def estimated(module, inputs, output):  # after the first batch, normalise later ones with its statistics
+        first.discard(module)
+        module.eval()
+
+    hooks = [m.register_forward_hook(estimated) for m in norms]
+    try:
+        for m in norms:
+            m.running_mean, m.running_var = torch.zeros_like(m.running_mean), torch.ones_like(m.running_var)
+            m.num_batches_tracked = torch.zeros_like(m.num_batches_tracked)
+            m.momentum = None  # cumulative average: after one batch, exactly that batch's statistics
+            m.train()
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, (training, momentum, mean, var, count) in zip(norms, saved):
+            m.train(training)
+            m.momentum, m.running_mean, m.running_var, m.num_batches_tracked = momentum, mean, var, count
+
+
 def adapted_logits(backbone: Backbone, groups: ChannelGroups, masks: list[torch.Tensor], sx: torch.Tensor,
                    sy: torch.Tensor, qx: torch.Tensor, n_way: int, cfg: MetaConfig) -> torch.Tensor:
     """Masked backbone → prototype-initialised head → ``inner_steps`` on the support set → query logits."""
     def head_loss(p):
         return F.cross_entropy(F.linear(fs, p["fc.weight"], p["fc.bias"]), sy)
 
-    with masked(backbone, groups, masks):
-        fs = backbone.forward_features(sx)
+    with masked(backbone, groups, masks), support_statistics(backbone, cfg.bn_stats == "support"):
+        fs = backbone.forward_features(sx)  # with ``support``, BN layers take the support set's statistics here
         # Unscaled prototype logits are in the hundreds: fine for steps on the head alone, but their
         # gradients through the whole backbone diverged to NaN within 3 meta-steps (demo, inner_lr 0.1).
         head = prototype_head(fs, sy, n_way, unit_scale=cfg.adapt_backbone)
@@ -124,12 +163,12 @@ def episode_loss(backbone: Backbone, stamp: Stamp, groups: ChannelGroups, cost: 
                  norm: Normalization, cfg: MetaConfig, generator: torch.Generator | None = None) -> EpisodeOutput:
     """The outer (meta) loss of one episode, with relaxed masks sampled from the generator."""
     sx, sy, qx, qy = _episode_tensors(episode, norm, next(stamp.parameters()).device)
-    logits = stamp(read_set(backbone, groups, sx, episode.n_way), episode.budget)
+    logits = stamp(stamp.read(backbone, groups, sx, episode.n_way), episode.budget)
     z = [hard_concrete_sample(a, cfg.tau, generator=generator, straight_through=cfg.straight_through) for a in logits]
     ratio = cost.macs([keep_probability(a) for a in logits]) / cost.dense_macs
     out = adapted_logits(backbone, groups, z, sx, sy, qx, episode.n_way, cfg)
     ce = F.cross_entropy(out, qy)
-    prior = prior_kl(logits, cfg.prior)
+    prior = prior_kl(logits, cfg.prior, prior_keep_rate(cfg.prior_keep, episode.budget))
     budget_term = budget_penalty(ratio, episode.budget)
     loss = ce + cfg.prior_weight * prior + cfg.budget_weight * budget_term
     accuracy = (out.argmax(1) == qy).float().mean()
@@ -148,11 +187,11 @@ def check_finite(out: EpisodeOutput, step: int) -> None:
 
 @torch.no_grad()
 def hard_masks(stamp: Stamp, cost: CostModel, inputs: SetInputs, budget: float, round_to: int = 1,
-               allocation: str = "learned"):
+               allocation: str | None = None):
     """Deterministic hard masks meeting ``budget`` from the generator's keep probabilities
-    (``allocation``: see pruning/hardmask.py)."""
+    (``allocation``: see pruning/hardmask.py; None = the one the generator was trained for)."""
     probs = [keep_probability(a) for a in stamp(inputs, budget)]
-    return hard_mask(probs, cost, budget, round_to, allocation)
+    return hard_mask(probs, cost, budget, round_to, allocation or stamp.allocation)
 
 
 def validate_episode(backbone: Backbone, stamp: Stamp, groups: ChannelGroups, cost: CostModel, episode: Episode,
@@ -161,7 +200,7 @@ def validate_episode(backbone: Backbone, stamp: Stamp, groups: ChannelGroups, co
     inner steps; returns ``(accuracy, achieved MACs ratio)``."""
     sx, sy, qx, qy = _episode_tensors(episode, norm, next(stamp.parameters()).device)
     with torch.no_grad():
-        masks = [m.float() for m in hard_masks(stamp, cost, read_set(backbone, groups, sx, episode.n_way),
+        masks = [m.float() for m in hard_masks(stamp, cost, stamp.read(backbone, groups, sx, episode.n_way),
                                                episode.budget)]
     out = adapted_logits(backbone, groups, masks, sx, sy, qx, episode.n_way, cfg).detach()
     ratio = float(cost.macs(masks) / cost.dense_macs)

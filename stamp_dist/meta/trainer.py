@@ -82,8 +82,7 @@ def validation_episodes(cfg: StampConfig, val_classes: list[int]) -> list[Episod
     """A fixed set of tasks on held-out classes (test split), so scores are comparable across steps."""
     m = cfg.meta
     pool = ClassPool(cfg.data.reference, "test", seed=m.seed + 1)
-    sampler = EpisodeSampler(pool, val_classes, m.n_way_min, m.n_way_max, m.k_shot, m.q_query,
-                             m.budget_min, m.budget_max, seed=m.seed + 1)
+    sampler = EpisodeSampler(pool, val_classes, m, seed=m.seed + 1)
     return [sampler.sample() for _ in range(m.val_tasks)]
 
 
@@ -111,8 +110,7 @@ class MetaTrainer:
         train_classes, self.val_classes = split_classes(manifest.num_classes, m.val_classes, m.seed)
         pool = ClassPool(cfg.data.reference, "train", seed=m.seed, manifest=manifest)
         families = task_families(m.task_families, manifest, train_classes, m.n_way_min)
-        self.sampler = EpisodeSampler(pool, train_classes, m.n_way_min, m.n_way_max, m.k_shot, m.q_query,
-                                      m.budget_min, m.budget_max, m.seed, families, m.family_tasks)
+        self.sampler = EpisodeSampler(pool, train_classes, m, m.seed, families)
         self.store = GeneratorStore(self.out, keep=m.keep_last)
         self.step = 0
         self._val_episodes: list[Episode] | None = None

@@ -41,7 +41,9 @@ class MaskGenerator(nn.Module):
     ``logit(init_keep)`` = 0 by default) each channel is kept with probability ≈ √b and the expected
     MACs ratio is ≈ b: pruning starts at the budget, whatever the budget.
 
-    With ``channel_stats > 0`` the generator also reads, per channel, a vector of statistics of the
+    With ``uniform`` each group's logits are centred before the budget offset, so every group keeps
+    about the same fraction √b of its channels (``meta.allocation: uniform``) and what is learned is
+    only which channels. With ``channel_stats > 0`` the generator also reads, per channel, a vector of statistics of the
     target set at that channel (``meta/set_inputs.py``): one small network shared by every channel
     maps ``(stats_c, u_g)`` to a logit offset, so *how* statistics matter may depend on the group, the
     task and the budget. Its output layer starts at zero: training begins from the plain generator.
@@ -56,6 +58,7 @@ class MaskGenerator(nn.Module):
         init_keep: float = 0.5,
         channel_stats: int = 0,
         stats_hidden: int = 32,
+        uniform: bool = False,
     ):
         super().__init__()
         if not group_sizes or min(group_sizes) < 1:
@@ -71,6 +74,7 @@ class MaskGenerator(nn.Module):
         init_logit = math.log(init_keep / (1 - init_keep))
         self.channel_bias = nn.Parameter(torch.full((sum(self.group_sizes),), init_logit))
         self.channel_stats = channel_stats
+        self.uniform = uniform
         if channel_stats:
             self.stats_in = nn.Linear(channel_stats, stats_hidden)
             self.stats_context = nn.Linear(hidden, stats_hidden)
@@ -99,17 +103,30 @@ class MaskGenerator(nn.Module):
             stats = torch.cat(list(channel_stats), dim=-2)  # [..., Σ C_g, S]
             context = self.stats_context(u)[..., self._group_idx, :]  # [..., Σ C_g, stats_hidden]
             logits = logits + self.stats_out(F.gelu(self.stats_in(stats) + context)).squeeze(-1)
-        logits = logits + budget_offset(b)
-        return list(logits.split(self.group_sizes, dim=-1))
+        groups = logits.split(self.group_sizes, dim=-1)
+        if self.uniform:  # every group's mean logit is the budget's: the generator only ranks channels within groups
+            groups = [a - a.mean(-1, keepdim=True) for a in groups]
+        offset = budget_offset(b)
+        return [a + offset for a in groups]
+
+
+def budget_keep_rate(b: float | torch.Tensor) -> float | torch.Tensor:
+    """``√b``: the fraction of every group's channels that, kept uniformly, costs ≈ ``b`` of the MACs
+    (a conv's MACs scale with kept in-channels × kept out-channels)."""
+    return b**0.5
+
+
+def prior_keep_rate(configured: float | None, budget: float) -> float:
+    """The sparsity prior's keep rate: ``meta.prior_keep`` when set, else the budget's uniform rate √b,
+    so the prior pulls every group towards the same kept fraction instead of towards 1/2."""
+    return budget_keep_rate(budget) if configured is None else configured
 
 
 def budget_offset(b: torch.Tensor) -> torch.Tensor:
-    """``logit(√b)``, the budget prior added to every keep-logit.
-
-    A conv's MACs scale with (kept in-channels)·(kept out-channels), so keeping a fraction √b of every
-    channel costs ≈ b: with this offset the expected MACs ratio tracks any budget from the first step,
-    and what is learned is which channels deviate from that prior for a given task."""
-    root = b.clamp(1e-6, 1 - 1e-6).sqrt()
+    """``logit(√b)``, the budget prior added to every keep-logit: with it the expected MACs ratio
+    tracks any budget from the first step, and what is learned is which channels deviate from that
+    prior for a given task."""
+    root = budget_keep_rate(b.clamp(1e-6, 1 - 1e-6))
     return root.log() - (-root).log1p()
 
 

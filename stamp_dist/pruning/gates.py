@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from ..config import MetaConfig
 from ..meta.objective import prototype_head
 from ..models.backbones import Backbone
-from ..models.generator import budget_offset, budget_penalty, hard_concrete_sample, keep_probability, prior_kl
+from ..models.generator import (budget_offset, budget_penalty, hard_concrete_sample, keep_probability, prior_keep_rate,
+                                prior_kl)
 from .groups import ChannelGroups
 from .hardmask import budget_mask, check_budget
 from .macs import CostModel
@@ -59,7 +60,8 @@ def learn_gate_logits(backbone: Backbone, groups: ChannelGroups, cost: CostModel
             with masked(backbone, groups, z):
                 out = F.linear(backbone.forward_features(images[idx]), weight, bias)
             ratio = cost.macs([keep_probability(a) for a in logits]) / cost.dense_macs
-            loss = (F.cross_entropy(out, labels[idx]) + meta.prior_weight * prior_kl(logits, meta.prior)
+            prior = prior_kl(logits, meta.prior, prior_keep_rate(meta.prior_keep, budget))
+            loss = (F.cross_entropy(out, labels[idx]) + meta.prior_weight * prior
                     + meta.budget_weight * budget_penalty(ratio, budget))
             opt.zero_grad(set_to_none=True)
             loss.backward(inputs=[*logits, weight, bias])  # never into the backbone's .grad

@@ -70,39 +70,61 @@ def hard_mask(scores: Sequence[torch.Tensor], cost: CostModel, budget: float, ro
 def uniform_ratio_masks(scores: Sequence[torch.Tensor], cost: CostModel, budget: float,
                         round_to: int = 1) -> list[torch.Tensor]:
     """Keep the same fraction of channels in every group (the top-scored ones; at least one, and with
-    ``round_to`` a multiple of it in groups that have that many, unless the group stays whole), the
-    fraction found by bisection so the MACs ratio lands just under ``budget``. Ranking by score per MAC
-    instead would strip the residual stream (its channels feed many convs) to one channel under
+    ``round_to`` a multiple of it in groups that have that many, unless the group stays whole), then
+    fill the budget: the fraction is found by bisection so the MACs ratio lands under ``budget``, and
+    the MACs that rounding left unused go to the groups with the smallest kept fraction, one channel
+    (``round_to`` chunk) at a time, while it fits. So every method lands just under the budget (within
+    one channel's MACs, ~0.1% of dense on ResNet-20) rather than up to a few percent below it, which
+    gave uniform-ratio baselines less compute than methods with the learned rule. Ranking by score per
+    MAC instead would strip the residual stream (its channels feed many convs) to one channel under
     uninformative scores."""
     check_budget(budget)
     _check_round_to(round_to)
     check_masks(cost.groups, scores)
+    sizes = np.array(cost.groups.sizes)
+    step = np.where(sizes >= round_to, round_to, 1)
 
-    def masks_at(ratio: float) -> list[torch.Tensor]:
-        out = []
-        for s in scores:
-            n = max(1, math.ceil(ratio * len(s)))
-            if round_to <= len(s) and n < len(s):  # a whole group stays whole, as in budget_mask
-                n = min(len(s), math.ceil(n / round_to) * round_to)
-            keep = torch.zeros(len(s), dtype=torch.bool)
-            keep[torch.argsort(s.detach().cpu(), descending=True, stable=True)[:n]] = True
-            out.append(keep)
-        return out
+    def counts_at(ratio: float) -> np.ndarray:
+        n = np.maximum(1, np.ceil(ratio * sizes))
+        rounded = np.minimum(sizes, np.ceil(n / step) * step)
+        return np.where(n < sizes, rounded, sizes)  # a whole group stays whole, as in budget_mask
 
+    def macs(counts: np.ndarray) -> float:
+        return float(cost.macs_form(torch.from_numpy(counts.astype(np.float64))))
+
+    target = budget * cost.dense_macs
     lo, hi = 0.0, 1.0
     for _ in range(30):
         mid = (lo + hi) / 2
-        if float(cost.macs([m.float() for m in masks_at(mid)])) <= budget * cost.dense_macs:
-            lo = mid
-        else:
-            hi = mid
-    masks = masks_at(lo)
-    ratio = float(cost.macs([m.float() for m in masks])) / cost.dense_macs
-    if ratio > budget + TOLERANCE:
+        lo, hi = (mid, hi) if macs(counts_at(mid)) <= target else (lo, mid)
+    counts = counts_at(lo).astype(np.float64)
+    used = macs(counts)
+    if used > target + TOLERANCE * cost.dense_macs:
         least = "one channel" if round_to == 1 else f"{round_to} channels"
         raise StampError(f"MACs budget {budget:g} is unreachable: keeping {least} per group already costs "
-                         f"{ratio:.3f} of the dense MACs; raise the budget")
+                         f"{used / cost.dense_macs:.3f} of the dense MACs; raise the budget")
+    while True:
+        chunk = np.minimum(step, sizes - counts)
+        added = _macs_change(cost, counts, chunk, +1)
+        ok = (chunk > 0) & (used + added <= target)
+        if not ok.any():
+            break
+        g = int(np.argmin(np.where(ok, counts / sizes, np.inf)))
+        counts[g] += chunk[g]
+        used += added[g]
+    masks = []
+    for s, n in zip(scores, counts.astype(int)):
+        keep = torch.zeros(len(s), dtype=torch.bool)
+        keep[torch.argsort(s.detach().cpu(), descending=True, stable=True)[:n]] = True
+        masks.append(keep)
     return masks
+
+
+def _macs_change(cost: CostModel, counts: np.ndarray, chunk: np.ndarray, sign: int) -> np.ndarray:
+    """Exact |ΔMACs| when each group g alone loses (sign=-1) or regains (+1) ``chunk[g]`` channels."""
+    form = cost.macs_form
+    grad = form.grad_matrix @ np.append(counts, 1.0)
+    return chunk * grad + sign * chunk**2 * form.self_coef
 
 
 def _check_round_to(round_to) -> None:
@@ -131,14 +153,12 @@ def budget_mask(probs: Sequence[torch.Tensor], cost: CostModel, budget: float,
     step = np.where(sizes >= round_to, round_to, 1)
     counts = sizes.astype(np.float64)
     removed = np.zeros(len(p), dtype=np.int64)
-    form, rows = cost.macs_form, np.arange(len(p))
+    rows = np.arange(len(p))
     target = budget * cost.dense_macs
     macs = cost.dense_macs
 
     def change(chunk: np.ndarray, sign: int) -> np.ndarray:
-        """Exact |ΔMACs| when each group g alone loses (sign=-1) or regains (+1) chunk[g] channels."""
-        grad = form.grad_matrix @ np.append(counts, 1.0)
-        return chunk * grad + sign * chunk**2 * form.self_coef
+        return _macs_change(cost, counts, chunk, sign)
 
     while macs > target:
         rem = counts % step
