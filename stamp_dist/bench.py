@@ -208,6 +208,7 @@ class Bench:
         if cell.method == "stamp":
             key["generator"] = self.generator_id
             key["allocation"] = self.cfg.prune.allocation or self.generator.stamp.allocation
+            key["selection"] = self.cfg.prune.selection
             if self.cfg.prune.adapt_steps:
                 key["adapt"] = {"steps": self.cfg.prune.adapt_steps, "lr": self.cfg.prune.adapt_lr}
         if cell.method == "learn_gates":
@@ -252,7 +253,9 @@ def method_masks(bench: Bench, cell: Cell, sample: Target, batch: Target) -> lis
         gen, p = bench.generator, bench.cfg.prune
         stamp = adapt_generator(gen, batch, cell.budget, p.adapt_steps, p.adapt_lr, cell.seed) if p.adapt_steps \
             else gen.stamp
-        return stamp_masks(gen, stamp, batch, cell.budget, allocation=p.allocation)
+        seeded = copy.deepcopy(p)
+        seeded.seed = cell.seed  # a sampled mask is drawn from the cell's seed, like every other random choice
+        return stamp_masks(gen, stamp, batch, cell.budget, seeded)
     if m == "learn_gates":
         return gate_masks(bench.backbone, bench.groups, bench.cost, bench.norm(sample.x.to(bench.device)),
                           sample.y.to(bench.device), sample.num_classes, cell.budget, bench.cfg.meta,
@@ -371,7 +374,8 @@ def generator_record(bench: Bench) -> dict | None:
         return None
     gen, p = bench.generator, bench.cfg.prune
     return {"path": str(gen.path), "id": bench.generator_id, "step": gen.info.get("step"), "meta": gen.info["meta"],
-            "allocation": p.allocation or gen.stamp.allocation, "adapt_steps": p.adapt_steps, "adapt_lr": p.adapt_lr}
+            "allocation": p.allocation or gen.stamp.allocation, "selection": p.selection,
+            "adapt_steps": p.adapt_steps, "adapt_lr": p.adapt_lr}
 
 
 def _work(cell: Cell, data: TargetData) -> float:

@@ -63,10 +63,9 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     from .downstream import prune
 
     p = cfg.prune
-    report = prune(args.generator, args.data, args.budget if args.budget is not None else p.budget, args.out,
-                   adapt_steps=args.adapt_steps if args.adapt_steps is not None else p.adapt_steps,
-                   adapt_lr=p.adapt_lr, samples_per_class=p.samples_per_class, round_to=p.round_to,
-                   allocation=p.allocation, seed=p.seed,
+    if args.adapt_steps is not None:
+        p.adapt_steps = args.adapt_steps
+    report = prune(args.generator, args.data, args.budget if args.budget is not None else p.budget, args.out, p,
                    device=cfg.runtime.device)
     print(f"pruned model → {args.out}: MACs {report['macs_ratio']:.3f} of dense, params {report['params_ratio']:.3f}, "
           f"latency (batch 64) {report['latency_ms_b64']:.1f} ms vs dense {report['dense_latency_ms_b64']:.1f} ms, "

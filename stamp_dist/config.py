@@ -25,6 +25,7 @@ BACKBONES = ("convnet", "resnet20", "resnet56", "resnet18", "resnet50", "vgg19_b
 ALLOCATIONS = ("learned", "uniform")  # prune.allocation: pruning/hardmask.py
 TASK_TRANSFORMS = ("gray", "invert", "lowres")  # meta.task_transforms: data/transforms.py
 CHANNEL_STATS = ("activity", "fisher", "taylor", "redundancy")  # meta.stats: meta/set_inputs.py
+SELECTIONS = ("top", "sample")  # prune.selection: meta/objective.py hard_masks
 
 
 @dataclass
@@ -73,9 +74,6 @@ class MetaConfig:
     first_order: bool = True
     learn_backbone: bool = False
     adapt_backbone: bool = False  # inner steps also update the backbone (else only the head)
-    # BatchNorm statistics a task is scored with: "running" (the reference's) or "support" (re-estimated on
-    # the task's support set, as fine-tuning on a target re-estimates them): meta/objective.py support_statistics.
-    bn_stats: str = "running"
     budget_min: float = 0.1
     budget_max: float = 0.6
     lr: float = 3e-3
@@ -84,7 +82,7 @@ class MetaConfig:
     tau: float = 0.5  # hard-concrete temperature
     straight_through: bool = False
     prior: str = "bernoulli"  # sparsity prior: bernoulli | beta_bernoulli | none
-    prior_weight: float = 1e-4
+    prior_weight: float = 0.01
     prior_keep: Optional[float] = None  # the prior's keep rate; None = √b, the uniform rate of each task's budget
     budget_weight: float = 50.0
     encoder_dim: int = 128
@@ -101,7 +99,7 @@ class MetaConfig:
     # How the generator spreads a budget over channel groups, in training and (unless prune.allocation says
     # otherwise) when pruning: "learned" (its probabilities decide) or "uniform" (every group keeps the same
     # fraction; the generator ranks channels within each group). See pruning/hardmask.py.
-    allocation: str = "learned"
+    allocation: str = "uniform"
     stats: list[str] = field(default_factory=lambda: list(CHANNEL_STATS))  # which statistics (CHANNEL_STATS)
     val_every: int = 50
     val_tasks: int = 20
@@ -120,6 +118,9 @@ class PruneConfig:
     round_to: int = 1
     # How the budget is spread over channel groups (see meta.allocation); None = the generator's own.
     allocation: Optional[str] = None
+    # Which channels the generator's keep probabilities choose: "top" (the most probable) or "sample" (a
+    # draw from the generator's own distribution, seeded by prune.seed, as in meta-training).
+    selection: str = "sample"
     seed: int = 0
 
 
@@ -231,8 +232,8 @@ CHOICES: dict[str, Sequence[Any]] = {
     "model.backbone": BACKBONES,
     "meta.prior": ("bernoulli", "beta_bernoulli", "none"),
     "meta.allocation": ALLOCATIONS,
-    "meta.bn_stats": ("running", "support"),
     "prune.allocation": (None, *ALLOCATIONS),
+    "prune.selection": SELECTIONS,
     "runtime.backend": ("local", "ray"),
     "runtime.precision": ("fp32", "bf16"),
     "runtime.zero_stage": (0, 1, 2, 3),

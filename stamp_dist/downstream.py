@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import MetaConfig
+from .config import MetaConfig, PruneConfig
 from .data.episodes import Task, build_episode
 from .data.manifest import Manifest
 from .data.readers import Normalization, load_split
@@ -87,14 +87,12 @@ def stamp_cfg(gen: Generator) -> MetaConfig:
     return MetaConfig(**gen.info["meta"])
 
 
-def stamp_masks(gen: Generator, stamp, target: Target, budget: float, round_to: int = 1,
-                allocation: str | None = None) -> list[torch.Tensor]:
-    """Read the target sample with the frozen backbone and turn the generator's keep
-    probabilities into hard masks at ``budget`` (``allocation``: see pruning/hardmask.py; None = the
-    generator's own)."""
+def stamp_masks(gen: Generator, stamp, target: Target, budget: float, p: PruneConfig) -> list[torch.Tensor]:
+    """Read the target sample with the frozen backbone and turn the generator's keep logits into hard
+    masks at ``budget`` under ``p``'s allocation (None = the generator's own), selection, round_to and seed."""
     x = Normalization.of(gen.backbone_meta)(target.x.to(next(gen.backbone.parameters()).device))
-    return hard_masks(stamp, gen.cost, stamp.read(gen.backbone, gen.groups, x, target.num_classes), budget, round_to,
-                      allocation)
+    return hard_masks(stamp, gen.cost, stamp.read(gen.backbone, gen.groups, x, target.num_classes), budget,
+                      p.round_to, p.allocation, p.selection, p.seed)
 
 
 @torch.no_grad()
@@ -135,27 +133,29 @@ def save_pruned_for_target(out: str | Path, backbone: Backbone, backbone_meta: d
     return report
 
 
-def prune(generator: str | Path, data: str | Path, budget: float, out: str | Path, adapt_steps: int = 0,
-          adapt_lr: float = 1e-2, samples_per_class: int = 10, round_to: int = 1, allocation: str | None = None,
-          seed: int = 0, device: str = "auto") -> dict:
-    """Prune the generator's backbone for the target dataset ``data``; write the pruned model to ``out``.
+def prune(generator: str | Path, data: str | Path, budget: float, out: str | Path, cfg: PruneConfig | None = None,
+          device: str = "auto") -> dict:
+    """Prune the generator's backbone for the target dataset ``data`` at MACs ratio ``budget``; write the
+    pruned model to ``out``. ``cfg`` (the ``prune`` config section; defaults if None) sets the sample size,
+    adaptation steps, allocation, selection, round_to and seed.
 
     Returns the report (MACs, params, latency, seconds to produce the model).
     """
+    p = PruneConfig() if cfg is None else cfg
     check_budget(budget)
-    if allocation is not None:
-        check_allocation(allocation)
+    if p.allocation is not None:
+        check_allocation(p.allocation)
     if Path(out).exists():
         raise StampError(f"output directory {out} already exists; choose another path or remove it")
     t0 = time.perf_counter()
     device = pick_device(device)
     gen = load_generator(generator, device)
-    target = load_target(data, samples_per_class, gen.backbone_meta)
+    target = load_target(data, p.samples_per_class, gen.backbone_meta)
     target.x, target.y = target.x.to(device), target.y.to(device)
-    stamp = adapt_generator(gen, target, budget, adapt_steps, adapt_lr, seed) if adapt_steps else gen.stamp
-    allocation = allocation or gen.stamp.allocation
-    masks = stamp_masks(gen, stamp, target, budget, round_to, allocation)
+    stamp = adapt_generator(gen, target, budget, p.adapt_steps, p.adapt_lr, p.seed) if p.adapt_steps else gen.stamp
+    masks = stamp_masks(gen, stamp, target, budget, p)
     seconds = time.perf_counter() - t0
     return save_pruned_for_target(out, gen.backbone, gen.backbone_meta, gen.groups, masks, target, "stamp", budget,
-                                  seconds, {"generator": str(gen.path), "adapt_steps": adapt_steps,
-                                            "allocation": allocation})
+                                  seconds, {"generator": str(gen.path), "adapt_steps": p.adapt_steps,
+                                            "allocation": p.allocation or gen.stamp.allocation,
+                                            "selection": p.selection, "seed": p.seed})

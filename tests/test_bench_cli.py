@@ -20,7 +20,8 @@ def test_stamp_bench_writes_report_json_and_plots_then_reuses_cells(tiny_run, ti
                   "discrimination", "time_ratios", "plots", "config", "generator"):
         assert field in report, field
     # the generator's own meta-training settings, not the bench config's defaults
-    assert report["generator"]["meta"]["steps"] == 4 and report["generator"]["allocation"] == "learned"
+    assert report["generator"]["meta"]["steps"] == 4 and report["generator"]["allocation"] == "uniform"
+    assert report["generator"]["selection"] == "sample"
     assert "4-step meta-training run" in (out / "report.md").read_text()
     assert report["command"].startswith("stamp bench -c")
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch_threads"] == 1

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import stamp_dist
 from stamp_dist.cli import main
+from stamp_dist.config import PruneConfig
 from stamp_dist.data.readers import Normalization, load_split
 from stamp_dist.data.shards import PerClassShardWriter
 from stamp_dist.meta.artifact import resolve
@@ -43,14 +44,14 @@ def test_prune_cli_writes_a_smaller_model_that_reloads_bit_exactly(tiny_generato
 
 
 def test_python_api_with_adaptation(tiny_generator, digits, tmp_path):
-    report = stamp_dist.prune(tiny_generator, digits, 0.5, tmp_path / "adapted", adapt_steps=2,
-                              samples_per_class=4, device="cpu")
+    report = stamp_dist.prune(tiny_generator, digits, 0.5, tmp_path / "adapted",
+                              PruneConfig(adapt_steps=2, samples_per_class=4), device="cpu")
     assert report["adapt_steps"] == 2 and abs(report["macs_ratio"] - 0.5) <= 0.02
 
 
 def test_uniform_allocation_keeps_the_same_fraction_per_group(tiny_generator, digits, tmp_path):
-    report = stamp_dist.prune(tiny_generator, digits, 0.5, tmp_path / "uniform", samples_per_class=4,
-                              allocation="uniform", device="cpu")
+    report = stamp_dist.prune(tiny_generator, digits, 0.5, tmp_path / "uniform",
+                              PruneConfig(samples_per_class=4, allocation="uniform"), device="cpu")
     spec = json.loads((tmp_path / "uniform" / "spec.json").read_text())
     fractions = [len(g["kept"]) / g["channels"] for g in spec["groups"]]
     assert report["allocation"] == "uniform" and 0.45 <= report["macs_ratio"] <= 0.5

@@ -69,27 +69,7 @@ def test_validation_uses_hard_mask_at_budget():
     assert abs(ratio - episode.budget) <= 0.02
 
 
-def test_support_statistics_score_with_the_support_sets_batchnorm_statistics():
-    from stamp_dist.meta.objective import support_statistics
-
-    model = build_backbone("resnet20", 3, width=4).eval()
-    bn = model.bn1
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    support, query = torch.randn(8, 3, 16, 16) * 3 + 1, torch.randn(4, 3, 16, 16)
-    with support_statistics(model):
-        model(support)  # first batch: normalised with its own statistics, which the layers then keep
-        mean, var = bn.running_mean.clone(), bn.running_var.clone()
-        out = model(query)
-    stem = torch.nn.functional.conv2d(support, model.conv1.weight, padding=1)
-    torch.testing.assert_close(mean, stem.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(var, stem.var((0, 2, 3), unbiased=True), atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(out, model(query))  # outside the block the reference statistics are back
-    assert not model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    with support_statistics(model, enabled=False):
-        torch.testing.assert_close(model(query), model(query))
-
-
-@pytest.mark.parametrize("overrides", [{"bn_stats": "support"}, {"allocation": "uniform"},
+@pytest.mark.parametrize("overrides", [{"allocation": "uniform"},
                                        {"task_transforms": ["gray"], "stats": ["taylor", "redundancy"]}])
 def test_objective_variants_train(overrides):
     cfg, backbone, groups, cost, stamp, episode = setup(**overrides)

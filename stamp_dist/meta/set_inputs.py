@@ -74,15 +74,16 @@ def redundancy(v: torch.Tensor) -> torch.Tensor:
 
 
 def channel_statistics(acts: torch.Tensor, n_way: int, names: Sequence[str] = LEGACY_STATS,
-                       taylor: torch.Tensor | None = None) -> torch.Tensor:
-    """``acts`` ``[N*K, C, ...]`` (class-grouped) → ``[C, len(names)]`` standardised statistics;
-    ``taylor`` ``[C]`` (raw ``|a·∂L/∂a|`` sums) is needed when ``names`` has it."""
+                       raw: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """``acts`` ``[N*K, C, ...]`` (class-grouped) → ``[C, len(names)]`` standardised statistics; ``raw``
+    holds the ``[C]`` scores not computed from ``acts`` (``taylor``) that ``names`` asks for."""
     v = _pooled(acts)
+    raw = raw or {}
     columns = {
         "activity": lambda: _log(v.mean(0)),
         "fisher": lambda: _log(fisher_ratio(v, n_way)),
-        "taylor": lambda: _log(taylor),
         "redundancy": lambda: redundancy(v),
+        **{name: (lambda s=s: _log(s.to(v))) for name, s in raw.items()},
     }
     return torch.stack([_standardise(columns[n]()) for n in names], dim=1)
 
@@ -124,11 +125,10 @@ def read_set(backbone: Backbone, groups: ChannelGroups, x: torch.Tensor, n_way: 
             h.remove()
     out = []
     for g in groups:
-        taylor = None
+        raw = {}
         if need_grad:  # Σ_images |Σ_mask points Σ_spatial a·∂L/∂a|: removing a channel removes it everywhere at once
             per_image = sum((acts[n] * grad_of[n]).flatten(2).sum(2) if acts[n].dim() > 2 else acts[n] * grad_of[n]
                             for n in g.mask_points)
-            taylor = per_image.abs().sum(0).detach()
-        out.append(channel_statistics(acts[g.mask_points[0]].detach().float(), n_way, stats,
-                                      None if taylor is None else taylor.float()))
+            raw["taylor"] = per_image.abs().sum(0).detach().float()
+        out.append(channel_statistics(acts[g.mask_points[0]].detach().float(), n_way, stats, raw))
     return SetInputs(feats.detach().view(n_way, -1, feats.shape[-1]), out)
