@@ -1,11 +1,13 @@
 """Is the generator's mask really a function of the target? Two measurements on a meta-trained run:
 
-1. Per-group Jaccard overlap of the kept channels chosen for two different targets (same budget).
+1. Per-group Jaccard overlap of the kept channels the generator prefers (``selection: top``, no sampling
+   noise) for every pair of targets, and for two samples of one target (same budget).
 2. Ablation: the same generator with everything it reads from the set replaced by a constant — the
    task embedding and the per-channel statistics averaged over reference tasks, so the generator
    sees an "average task" whatever the target — against the set-conditioned generator, with the
-   benchmark's protocol (same samples, ``prune.allocation``, fine-tuning and scoring as `stamp demo`;
-   mean ± std over the configured seeds), and on reference tasks with the meta-validation protocol
+   benchmark's protocol (same samples, ``prune.allocation`` and ``prune.selection`` — a sampled mask draws
+   the same noise for both generators — fine-tuning and scoring as `stamp demo`; mean ± std over the
+   configured seeds, differences paired by seed), and on reference tasks with the meta-validation protocol
    (hard masks, prototype head + inner steps, no fine-tuning; paired over the same tasks): tasks on the
    held-out classes, and tasks drawn inside one class family (``meta.task_families``), where tasks
    need different channels. On reference tasks the set-conditioned mask is also compared with the
@@ -99,7 +101,7 @@ def paired_on_tasks(cfg, gen, norm, episodes, constant_stamp, constant_inputs) -
     inputs = [read(gen, norm, ep.support_x, ep.n_way) for ep in episodes]
 
     def accuracy(ep, stamp, inp) -> float:
-        masks = [k.float() for k in hard_masks(stamp, gen.cost, inp, ep.budget, allocation=cfg.prune.allocation)]
+        masks = [k.float() for k in hard_masks(stamp, gen.cost, inp, ep.budget, allocation=cfg.prune.allocation)]  # top
         out = adapted_logits(gen.backbone, gen.groups, masks, norm(ep.support_x), ep.support_y, norm(ep.query_x),
                              ep.n_way, cfg.meta).detach()
         return float((out.argmax(1) == ep.query_y).float().mean())
@@ -139,21 +141,30 @@ def main() -> None:
     batches = {k: pruning_batch(sample, cfg.prune.samples_per_class, k[1], torch.device("cpu"))
                for k, (sample, _) in samples.items()}
     inputs = {k: read(gen, norm, batch.x, batch.num_classes) for k, batch in batches.items()}
-    allocation = cfg.prune.allocation
-    masks = {k: hard_masks(gen.stamp, gen.cost, i, budget, allocation=allocation) for k, i in inputs.items()}
-    const_masks = hard_masks(constant_stamp, gen.cost, constant_inputs, budget, allocation=allocation)
+    allocation = cfg.prune.allocation or gen.stamp.allocation
+    p = cfg.prune
+    # What the generator prefers (no sampling noise): for the overlap measurements.
+    top = {k: hard_masks(gen.stamp, gen.cost, i, budget, allocation=allocation) for k, i in inputs.items()}
+    const_top = hard_masks(constant_stamp, gen.cost, constant_inputs, budget, allocation=allocation)
+    # What a user gets (the configured selection; a sampled mask draws the seed's noise for both inputs).
+    masks = {k: hard_masks(gen.stamp, gen.cost, i, budget, allocation=allocation, selection=p.selection, seed=k[1])
+             for k, i in inputs.items()}
+    const_masks = {k: hard_masks(constant_stamp, gen.cost, constant_inputs, budget, allocation=allocation,
+                                 selection=p.selection, seed=k[1]) for k in inputs}
 
-    t_a, t_b = cfg.bench.targets[:2]
+    names = [Path(t).name for t in cfg.bench.targets]
     s0 = cfg.bench.seeds[0]
-    per_group = [jaccard(a, b) for a, b in zip(masks[(t_a, s0)], masks[(t_b, s0)])]
-    same_target = [jaccard(a, b) for a, b in zip(masks[(t_a, s0)], masks[(t_a, cfg.bench.seeds[-1])])]
-    to_constant = {Path(t).name: float(np.mean([jaccard(a, b) for a, b in zip(masks[(t, s0)], const_masks)]))
-                   for t in (t_a, t_b)}
+    pairs = {f"{Path(a).name} vs {Path(b).name}": [jaccard(x, y) for x, y in zip(top[(a, s0)], top[(b, s0)])]
+             for i, a in enumerate(cfg.bench.targets) for b in cfg.bench.targets[i + 1:]}
+    t_a = cfg.bench.targets[0]
+    same_target = [jaccard(a, b) for a, b in zip(top[(t_a, s0)], top[(t_a, cfg.bench.seeds[-1])])]
+    to_constant = {Path(t).name: float(np.mean([jaccard(a, b) for a, b in zip(top[(t, s0)], const_top)]))
+                   for t in cfg.bench.targets}
 
     rows = []
     t0 = time.perf_counter()
     for (target, seed), (sample, evaluation) in samples.items():
-        for variant, m in (("set-conditioned", masks[(target, seed)]), ("constant input", const_masks)):
+        for variant, m in (("set-conditioned", masks[(target, seed)]), ("constant input", const_masks[(target, seed)])):
             torch.manual_seed(seed)
             model = build_pruned(gen.backbone, gen.backbone_meta, gen.groups, m, batches[(target, seed)])
             result = finetune_model(model, (sample.x, sample.y), evaluation, norm, cfg.finetune, seed, "cpu")
@@ -171,14 +182,16 @@ def main() -> None:
                  f"reference family tasks (budget {budget})": family_episodes(cfg, args.reference_tasks, budget)}
     paired = {name: paired_on_tasks(cfg, gen, norm, eps, constant_stamp, constant_inputs)
               for name, eps in task_sets.items() if eps}
-    r_a, r_b = embedding(gen, inputs[(t_a, s0)]), embedding(gen, inputs[(t_b, s0)])
-    print(f"\nbudget {budget}, prune.allocation {allocation}; per-group Jaccard of kept channels, "
-          f"{Path(t_a).name} vs {Path(t_b).name} "
-          f"(seed {s0} samples): " + ", ".join(f"{j:.2f}" for j in per_group) + f"  (mean {np.mean(per_group):.3f})")
-    print(f"same target, two different samples (seeds {s0} and {cfg.bench.seeds[-1]}): mean Jaccard "
+    print(f"\nbudget {budget}, prune.allocation {allocation}, prune.selection {p.selection}; per-group Jaccard of "
+          f"the channels the generator prefers (top, seed {s0} samples):")
+    for pair, per_group in pairs.items():
+        print(f"  {pair}: " + ", ".join(f"{j:.2f}" for j in per_group) + f"  (mean {np.mean(per_group):.3f})")
+    print(f"same target ({names[0]}), two different samples (seeds {s0} and {cfg.bench.seeds[-1]}): mean Jaccard "
           f"{np.mean(same_target):.3f}")
     print("mean Jaccard with the constant-input masks: " + ", ".join(f"{k} {v:.3f}" for k, v in to_constant.items()))
-    print(f"task embedding distance {Path(t_a).name}↔{Path(t_b).name}: {float((r_a - r_b).norm()):.3f}")
+    emb = {Path(t).name: embedding(gen, inputs[(t, s0)]) for t in cfg.bench.targets}
+    print("task embedding distances: " + ", ".join(f"{a}↔{b} {float((emb[a] - emb[b]).norm()):.3f}"
+                                                  for i, a in enumerate(names) for b in names[i + 1:]))
     for name, d in paired.items():
         print(f"{name}, {len(d['own'])} tasks (hard masks, no fine-tuning): query accuracy {100 * d['own'].mean():.1f}; "
               + "; ".join(f"{k} {100 * d[k].mean():+.1f} ± {100 * sem(d[k]):.1f}" for k in ("minus constant",
@@ -207,7 +220,7 @@ def main() -> None:
               f"{100 * sem(diff['top1']):.1f} (s.e.m.) | {100 * diff['top1_before_finetune'].mean():+.1f} ± "
               f"{100 * sem(diff['top1_before_finetune']):.1f} (s.e.m.) | {len(diff['top1'])} |")
     write_json(Path(cfg.bench.out) / "ablation.json",
-               {"budget": budget, "allocation": allocation, "jaccard_per_group": per_group,
+               {"budget": budget, "allocation": allocation, "selection": p.selection, "jaccard_per_group": pairs,
                 "jaccard_same_target": same_target,
                 "jaccard_to_constant": to_constant, "reference_tasks": {name: {k: v.tolist() for k, v in d.items()} for name, d in paired.items()},
                 "rows": rows, "summary": summary})

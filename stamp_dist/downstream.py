@@ -22,7 +22,8 @@ from .data.readers import Normalization, load_split
 from .errors import StampError
 from .measure import count_macs_params, latency_ms
 from .meta.artifact import Generator, load_generator
-from .meta.objective import episode_loss, hard_masks, prototype_head
+from .meta.objective import episode_loss, hard_masks
+from .models.heads import prototype_head
 from .models.backbones import Backbone
 from .pruning.groups import ChannelGroups
 from .pruning.hardmask import check_allocation, check_budget

@@ -4,7 +4,8 @@ import torch
 from stamp_dist.config import MetaConfig
 from stamp_dist.data.episodes import Task, build_episode
 from stamp_dist.data.readers import Normalization
-from stamp_dist.meta.objective import Stamp, episode_loss, prototype_head, validate_episode
+from stamp_dist.meta.objective import Stamp, episode_loss, validate_episode
+from stamp_dist.models.heads import prototype_head
 from stamp_dist.models.backbones import build_backbone
 from stamp_dist.pruning.groups import discover_groups
 from stamp_dist.pruning.macs import CostModel

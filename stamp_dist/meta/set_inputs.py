@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.backbones import Backbone
+from ..models.heads import prototype_head
 from ..pruning.groups import ChannelGroups
 
 LEGACY_STATS = ("activity", "fisher")  # what generators saved before ``meta.stats`` existed read
@@ -91,11 +92,8 @@ def channel_statistics(acts: torch.Tensor, n_way: int, names: Sequence[str] = LE
 def _set_loss(feats: torch.Tensor, y: torch.Tensor, n_way: int) -> torch.Tensor:
     """Cross-entropy of a unit-scale nearest-prototype head built from the set itself (the head a
     pruned model starts fine-tuning from); summed, so ``∂L/∂a`` does not shrink with the set size."""
-    protos = torch.zeros(n_way, feats.shape[1], dtype=feats.dtype, device=feats.device).index_add_(0, y, feats.detach())
-    protos = protos / torch.bincount(y, minlength=n_way).unsqueeze(1).to(feats.dtype)
-    sq = (protos**2).sum(1)
-    scale = sq.mean().clamp_min(1e-6)
-    return F.cross_entropy(F.linear(feats, 2 * protos / scale, -sq / scale), y, reduction="sum")
+    head = prototype_head(feats.detach(), y, n_way, unit_scale=True)
+    return F.cross_entropy(F.linear(feats, head["fc.weight"], head["fc.bias"]), y, reduction="sum")
 
 
 def read_set(backbone: Backbone, groups: ChannelGroups, x: torch.Tensor, n_way: int,

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import MetaConfig
-from ..meta.objective import prototype_head
 from ..models.backbones import Backbone
+from ..models.heads import prototype_head
 from ..models.generator import (budget_offset, budget_penalty, hard_concrete_sample, keep_probability, prior_keep_rate,
                                 prior_kl)
 from .groups import ChannelGroups
