@@ -6,15 +6,11 @@ Two rules, chosen by ``allocation`` in :func:`hard_mask`:
 * ``uniform`` (:func:`uniform_ratio_masks`): every group keeps the same fraction of its channels; the
   scores only rank the channels within a group (the rule of the score-based baselines).
 
-Why both: STAMP's generator is meta-trained on query accuracy after a few head steps, without
-fine-tuning, so its learned allocation is the one that best preserves the pretrained features (it
-empties the inner convs of residual blocks and keeps the residual streams). That suits targets close
-to the reference data and hurts targets that fine-tuning must rebuild features for. Measured with
-`stamp bench -c configs/bench.yaml` (12 / 3 / 1 fine-tuning epochs; docs/BENCHMARKS.md), uniform
-minus learned, top-1 points: digits (far from the synthetic reference) +1.7 to +16.9 in all 9
-settings; synthetic held-out −16 to −19 at budget 0.1, −0.6 to +6.6 at 0.25, −5.6 to −10.6 at 0.5.
-``learned`` stays the default because it is the method; ``uniform`` is the choice for targets the
-pretrained features do not fit.
+Why both: a learned allocation can follow what a target needs, but the one STAMP learned from
+frozen-feature objectives kept the residual streams, emptied the inner convs and lost up to 15 points
+to random channels after fine-tuning on real targets; the uniform rule kept the network's shape and
+won there. ``uniform`` is STAMP's default (``meta.allocation``) and every score-based baseline's
+rule; measurements in docs/BENCHMARKS.md ("What changed the method") and docs/history/.
 
 ``learned`` rule: remove channels in order of increasing keep probability (the least probable channel of any
 group goes first; at least one channel, or one ``round_to`` chunk, stays per group) until the MACs
