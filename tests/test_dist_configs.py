@@ -17,7 +17,6 @@ def test_imagenet_resnet50_config_builds_the_meta_model():
     from stamp_dist.dist.learner import deepspeed_config
     from stamp_dist.meta.objective import Stamp
     from stamp_dist.models.backbones import build_backbone
-    from stamp_dist.meta.set_inputs import read_set
     from stamp_dist.pruning.groups import discover_groups
     from stamp_dist.pruning.macs import CostModel
 
@@ -29,7 +28,7 @@ def test_imagenet_resnet50_config_builds_the_meta_model():
     cost = CostModel(backbone, groups, (3, 224, 224))
     assert 4.0e9 < float(cost.dense_macs) < 4.2e9  # ResNet-50: 4.1 GMACs at 224x224
     stamp = Stamp(backbone.feature_dim, groups.sizes, cfg.meta)
-    inputs = read_set(backbone, groups, torch.randn(10, 3, 64, 64), 5)  # any image size: global pooling
+    inputs = stamp.read(backbone, groups, torch.randn(10, 3, 64, 64), 5)  # any image size: global pooling
     logits = stamp(inputs, 0.3)
     assert [a.shape[-1] for a in logits] == groups.sizes
     ds = deepspeed_config(cfg, cfg.runtime.num_workers)

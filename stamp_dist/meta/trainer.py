@@ -60,7 +60,8 @@ class MetaModel:
 
     def trainable(self, learn_backbone: bool) -> list[torch.nn.Parameter]:
         """The meta-learned parameters, in optimizer order: φ, ψ (and θ with ``meta.learn_backbone``)."""
-        return list(self.stamp.parameters()) + (list(self.backbone.parameters()) if learn_backbone else [])
+        params = list(self.stamp.parameters()) + (list(self.backbone.parameters()) if learn_backbone else [])
+        return [p for p in params if p.requires_grad]
 
     def validate(self, episodes: list[Episode], cfg: MetaConfig) -> dict[str, float]:
         """Hard-mask meta-validation: query accuracy and achieved MACs ratio at each task's budget."""

@@ -81,6 +81,9 @@ class MaskGenerator(nn.Module):
             self.stats_out = nn.Linear(stats_hidden, 1)
             nn.init.zeros_(self.stats_out.weight)
             nn.init.zeros_(self.stats_out.bias)
+            # Centring removes a shift shared by all channels: the bias gets no gradient, only round-off
+            # that Adam would turn into steps of size lr. Frozen at zero (the artifact keeps its key).
+            self.stats_out.bias.requires_grad_(not uniform)
         # Flat (group, channel) index of every real channel in the [G, C_max] read-out.
         group_idx = torch.cat([torch.full((c,), g) for g, c in enumerate(self.group_sizes)])
         chan_idx = torch.cat([torch.arange(c) for c in self.group_sizes])
