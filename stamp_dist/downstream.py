@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import MetaConfig
+from .atomic import check_writable
 from .data.episodes import build_episode
 from .data.manifest import Manifest
 from .data.readers import Normalization, load_split
@@ -77,15 +77,11 @@ def adapt_generator(gen: Generator, target: Target, budget: float, steps: int, l
     for _ in range(steps):
         images = [c[torch.randperm(len(c), generator=rng)] for c in per_class]
         episode = build_episode(images, list(range(target.num_classes)), k, budget)
-        out = episode_loss(gen.backbone, stamp, gen.groups, gen.cost, episode, norm, stamp_cfg(gen), rng)
+        out = episode_loss(gen.backbone, stamp, gen.groups, gen.cost, episode, norm, gen.meta, rng)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
     return stamp.eval()
-
-
-def stamp_cfg(gen: Generator) -> MetaConfig:
-    return MetaConfig(**gen.info["meta"])
 
 
 def stamp_masks(gen: Generator, stamp, target: Target, budget: float, round_to: int = 1,
@@ -144,8 +140,9 @@ def prune(generator: str | Path, data: str | Path, budget: float, out: str | Pat
     """
     check_budget(budget)
     check_allocation(allocation)
-    if Path(out).exists():
-        raise StampError(f"output directory {out} already exists; choose another path or remove it")
+    if isinstance(adapt_steps, bool) or not isinstance(adapt_steps, int) or adapt_steps < 0:
+        raise StampError(f"adaptation steps must be an integer >= 0 (got {adapt_steps}); 0 uses the generator as is")
+    check_writable(out)
     t0 = time.perf_counter()
     device = pick_device(device)
     gen = load_generator(generator, device)
