@@ -1,6 +1,6 @@
 """How a command ends when it does not simply finish: user errors and stop requests.
 
-Exit statuses of the ``stamp`` command (docs/EXIT_CODES.md): 0 finished, 2 a user error (an ``error:``
+Exit statuses of the ``stamp`` command (docs/RELIABILITY.md): 0 finished, 2 a user error (an ``error:``
 line says what and how to fix it), 75 stopped on request with a checkpoint — run the same command to
 resume (sysexits' EX_TEMPFAIL: wrappers such as the SLURM scripts requeue on it), 1 anything else.
 """

@@ -89,6 +89,9 @@ def test_slurm_script_passes_shellcheck(script):
 
 def test_slurm_meta_train_script_requeues_on_the_time_limit_signal():
     text = (ROOT / "slurm" / "meta_train.sbatch").read_text()
+    from stamp_dist.errors import EXIT_STOPPED
+
+    assert f"stopped={EXIT_STOPPED}" in text and "((status == stopped))" in text  # requeues on "stopped, resumable"
     for needed in ("#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "#SBATCH --ntasks-per-node=1",
                    "trap on_time_limit USR1", 'kill -USR1 "${train_pid}"', 'scontrol requeue "${job}"',
                    "--num-cpus=", "--num-gpus=", ') &\ntrain_pid=$!'):  # `cmd & wait`: traps run during wait
