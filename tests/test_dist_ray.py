@@ -49,10 +49,14 @@ def ray_cluster():
 
 
 def ray_processes(actor_class: str) -> list[psutil.Process]:
-    """Live processes of this machine's Ray actors of one class (Ray titles them ``ray::Class...``)."""
+    """Live processes of the session Ray's actors of one class (Ray titles them ``ray::Class...``): only
+    descendants of this test process, which started that Ray (another Ray on a shared machine is not ours)."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
         if cmd and cmd[0].startswith(f"ray::{actor_class}"):
             found.append(p)
     return found

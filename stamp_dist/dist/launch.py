@@ -152,7 +152,7 @@ def _user_error(e: BaseException, seen: set[int] | None = None) -> StampError | 
     if isinstance(e, StampError):
         return e
     inner = [*getattr(e, "worker_failures", {}).values(), getattr(e, "controller_failure", None),
-             getattr(e, "cause", None), e.__cause__, e.__context__]
+             getattr(e, "_base_exc", None), getattr(e, "cause", None), e.__cause__, e.__context__]
     return next((found for x in inner if isinstance(x, BaseException) and (found := _user_error(x, seen))), None)
 
 
