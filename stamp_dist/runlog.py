@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .atomic import atomic_file
+from .atomic import atomic_file, check_writable
 from .errors import StampError
 
 LOCK_FILE = ".lock"
@@ -30,9 +30,11 @@ LOCK_FILE = ".lock"
 def run_lock(directory: str | Path, key: str) -> Iterator[None]:
     """Hold an exclusive lock on ``directory`` (``flock`` on ``directory/.lock``, released by the kernel
     when the process dies, so a killed run never blocks the next one). A second run on the same
-    directory is refused naming the holder; ``key`` is the config key that chose the directory.
+    directory is refused naming the holder; ``key`` is the config key that chose the directory. The
+    location is probed first (``check_writable``): a file in the way or a full disk fails here.
     (``filelock`` would truncate the holder's note when the second run opens the file.)"""
     directory = Path(directory)
+    check_writable(directory, key, new=False)
     directory.mkdir(parents=True, exist_ok=True)
     f = open(directory / LOCK_FILE, "a+")
     try:

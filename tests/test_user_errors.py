@@ -250,6 +250,7 @@ CASES = {
     "pointer_without_version": (_pointer_without_version, ["best.json", "version"]),
     "pointer_outside_the_run": (_pointer_escaping, ["best.json", "v000100"]),
     "prune_out_under_a_file": (_out_under_a_file("prune"), ["is a file"]),
+    "meta_out_is_a_file": (lambda env: (env.tmp / "meta").write_text("mine") and env.meta_train(), ["is a file"]),
     "finetune_out_under_a_file": (_out_under_a_file("finetune"), ["is a file"]),
     "yaml_syntax_error": (_yaml("meta:\n  steps: [1,\n"), ["c.yaml", "line"]),
     "yaml_python_tag": (_yaml("meta:\n  steps: !!python/object/apply:os.system ['touch pwned']\n"), ["c.yaml"]),

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import check_writable
 from ..checkpoint import load_state, save_state
 from ..config import MetaConfig, StampConfig, to_dict
 from ..data.episodes import ClassPool, Episode, EpisodeSampler, split_classes, task_families
@@ -181,7 +180,6 @@ class MetaTrainer:
     def run(self) -> Path:
         """Train (or resume) to ``meta.steps``; raises ``Stopped`` after checkpointing on a stop request."""
         m = self.cfg.meta
-        check_writable(self.out, "meta.out", new=False)
         state = load_state(self.out / "checkpoint", self.device)
         if state is not None:
             self.load(state)
