@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,15 +27,21 @@ def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def _remove_orphans(path: Path) -> None:
-    """Delete temporaries of ``path`` left by killed writers on this host (their process is gone), so
-    a run that is killed and restarted many times does not pile up checkpoint-sized directories.
-    Another host's temporaries are left alone: their process cannot be checked from here."""
-    prefix = f".{path.name}.tmp-{socket.gethostname()}-"
-    for tmp in path.parent.glob(f"{glob.escape(prefix)}*"):
-        pid = tmp.name[len(prefix):].split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
+def _remove_orphans(directory: Path) -> None:
+    """Delete the temporaries in ``directory`` left by killed writers on this host (their process is
+    gone) — files and directories, whatever output they were for — so a run that is killed and
+    restarted many times does not pile up checkpoint-sized directories, and a killed conversion's
+    half-written dataset goes away at the next write beside it. Another host's temporaries are left
+    alone: their process cannot be checked from here."""
+    marker = f".tmp-{socket.gethostname()}-"
+    with contextlib.suppress(OSError):
+        for tmp in directory.glob(f".*{glob.escape(marker)}*"):
+            pid = tmp.name.rpartition(marker)[2].split("-")[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                if tmp.is_dir() and not tmp.is_symlink():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -75,7 +82,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     if out.exists() and not overwrite:
         raise StampError(f"output directory {out} already exists; choose another path or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(out)
+    _remove_orphans(out.parent)
     tmp = _tmp_sibling(out)
     tmp.mkdir()
     try:
@@ -100,6 +107,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path; on success it is fsynced and renamed to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(path.parent)
     tmp = _tmp_sibling(path)
     try:
         yield tmp
@@ -110,6 +118,27 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
+
+
+def check_writable(out: str | os.PathLike, what: str = "output directory", new: bool = True) -> None:
+    """Fail now — before any compute — when ``out`` cannot be written: it exists (with ``new``), it or a
+    parent is a file, or the location is read-only or full. Creates nothing that stays (a probe file is
+    written and removed)."""
+    out = Path(out)
+    restore_interrupted(out)
+    if new and out.exists():
+        raise StampError(f"{what} {out} already exists; choose another path or remove it")
+    existing = next(p for p in [out, *out.parents] if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise StampError(f"cannot create {what} {out}: {existing} is a file, not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".stamp-write-probe-") as f:
+            f.write(b"\0" * 65536)  # some data, so that a full disk fails here rather than after the run
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise StampError(f"cannot write {what} {out}: {existing} is not writable ({e.strerror}); "
+                         "free some space or choose another location") from None
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_dir, read_json, restore_interrupted, write_json
+from .errors import StampError
+from .integrity import HASH_KEY, load_tensors, save_tensors
 
 _TENSOR = "__tensor__"
+FORMAT = "stamp_dist/state/v1"
+FILES = ("state.json", "state.safetensors")  # everything a checkpoint directory holds
 
 
 def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -44,8 +47,8 @@ def save_state(directory: str | Path, state: dict[str, Any]) -> None:
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split(state, "s", tensors)
     with atomic_dir(directory, overwrite=True) as tmp:
-        save_file(tensors, str(tmp / "state.safetensors"))
-        write_json(tmp / "state.json", skeleton)
+        digest = save_tensors(tensors, tmp / "state.safetensors", "the training state")
+        write_json(tmp / "state.json", {"format": FORMAT, HASH_KEY: digest, "state": skeleton})
 
 
 def load_state(directory: str | Path, device: str | torch.device = "cpu") -> dict[str, Any] | None:
@@ -54,5 +57,14 @@ def load_state(directory: str | Path, device: str | torch.device = "cpu") -> dic
     restore_interrupted(directory)
     if not (directory / "state.json").is_file():
         return None
-    tensors = load_file(str(directory / "state.safetensors"), device=str(device))
-    return _join(read_json(directory / "state.json", "checkpoint"), tensors)
+    fix = f"remove {directory} to start the run over (or restore it from a copy)"
+    raw = read_json(directory / "state.json", "checkpoint record")
+    legacy = isinstance(raw, dict) and "__dict__" in raw  # written before the format had a hash
+    if not legacy and not (isinstance(raw, dict) and raw.get("format") == FORMAT and "state" in raw):
+        raise StampError(f"checkpoint {directory / 'state.json'} is not a stamp_dist training state; {fix}")
+    tensors = load_tensors(directory / "state.safetensors", "checkpoint", None if legacy else raw.get(HASH_KEY), fix,
+                           device)
+    try:
+        return _join(raw if legacy else raw["state"], tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        raise StampError(f"checkpoint {directory / 'state.json'} is damaged ({type(e).__name__}: {e}); {fix}") from None

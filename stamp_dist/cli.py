@@ -4,10 +4,11 @@ heavy imports happen inside the handlers so ``stamp --help`` stays instant."""
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Callable, Sequence
 
-from .errors import StampError
+from .errors import EXIT_STOPPED, EXIT_USER_ERROR, StampError, Stopped
 
 CONVERT_SOURCES = ("imagefolder", "cifar10", "cifar100", "svhn", "numpy", "wds", "idx")
 
@@ -175,13 +176,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Write failures of the environment rather than of the code (full disk, read-only or forbidden location):
+# reported as user errors, with the path.
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+                errno.ENAMETOOLONG, errno.EMFILE}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; the exit status is 0, EXIT_USER_ERROR, EXIT_STOPPED or 130 (errors.py)."""
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
     except StampError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except Stopped as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_STOPPED
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        hint = "free some space or write elsewhere" if e.errno in (errno.ENOSPC, errno.EDQUOT) else \
+            "check the path and that it may be written"
+        print(f"error: {e.strerror}{where}; {hint}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from .config import MetaConfig, PruneConfig
+from .atomic import check_writable
+from .config import PruneConfig
 from .data.episodes import Task, build_episode
 from .data.manifest import Manifest
 from .data.readers import Normalization, load_split
@@ -29,6 +31,7 @@ from .pruning.groups import ChannelGroups
 from .pruning.hardmask import check_allocation, check_budget
 from .pruning.spec import PruningSpec, save_pruned
 from .pruning.surgery import prune_model
+from .ranges import check_numbers
 from .training import pick_device
 
 
@@ -77,15 +80,11 @@ def adapt_generator(gen: Generator, target: Target, budget: float, steps: int, l
     for _ in range(steps):
         images = [c[torch.randperm(len(c), generator=rng)] for c in per_class]
         episode = build_episode(images, Task(list(range(target.num_classes)), budget), k)
-        out = episode_loss(gen.backbone, stamp, gen.groups, gen.cost, episode, norm, stamp_cfg(gen), rng)
+        out = episode_loss(gen.backbone, stamp, gen.groups, gen.cost, episode, norm, gen.meta, rng)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
     return stamp.eval()
-
-
-def stamp_cfg(gen: Generator) -> MetaConfig:
-    return MetaConfig(**gen.info["meta"])
 
 
 def stamp_masks(gen: Generator, stamp, target: Target, budget: float, p: PruneConfig) -> list[torch.Tensor]:
@@ -146,8 +145,8 @@ def prune(generator: str | Path, data: str | Path, budget: float, out: str | Pat
     check_budget(budget)
     if p.allocation is not None:
         check_allocation(p.allocation)
-    if Path(out).exists():
-        raise StampError(f"output directory {out} already exists; choose another path or remove it")
+    check_numbers(OmegaConf.create({"prune": OmegaConf.structured(p)}))  # a section built in Python skipped load_config
+    check_writable(out)
     t0 = time.perf_counter()
     device = pick_device(device)
     gen = load_generator(generator, device)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
+from .atomic import check_writable
 from .config import FinetuneConfig
+from .data.manifest import Manifest
 from .data.readers import Normalization, load_split
 from .errors import StampError
 from .pruning.spec import load_pruned, save_pruned
@@ -33,14 +35,21 @@ def finetune(model_dir: str | Path, data: str | Path, out: str | Path, epochs: i
              device: str = "auto") -> dict:
     """`stamp finetune`: train on the target's train split (``cfg.train_per_class`` images per class,
     0 = all), score on its test split, and write the fine-tuned model with the result in its spec."""
-    if Path(out).exists():
-        raise StampError(f"output directory {out} already exists; choose another path or remove it")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise StampError(f"fine-tuning needs at least 1 epoch (got --epochs {epochs}); the model would be saved "
+                         "unchanged as fine-tuned")
+    check_writable(out)
     dev = pick_device(device)
     model, spec = load_pruned(model_dir, dev)
-    x, y, manifest = load_split(data, "train", per_class=cfg.train_per_class or None)
+    manifest = Manifest.load(data)
     if manifest.num_classes != spec.num_classes:
         raise StampError(f"{model_dir} was pruned for {spec.num_classes} classes but {data} has "
                          f"{manifest.num_classes}; prune for this target first (`stamp prune --data {data}`)")
+    if [3, manifest.image_size, manifest.image_size] != spec.input_size:
+        raise StampError(f"{data} holds {manifest.image_size}×{manifest.image_size} images but {model_dir} was pruned "
+                         f"for {spec.input_size[1]}×{spec.input_size[2]}; convert the target with "
+                         f"`stamp data convert ... --image-size {spec.input_size[1]}`")
+    x, y, _ = load_split(data, "train", per_class=cfg.train_per_class or None)
     tx, ty, _ = load_split(data, "test")
     result = finetune_model(model, (x, y), (tx, ty), Normalization(spec.mean, spec.std), cfg, cfg.seed, dev, epochs)
     spec.report["finetune"] = {k: v for k, v in result.items() if k != "history"} | {"data": str(data)}

@@ -17,14 +17,15 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_file, read_json, write_json
 from .config import to_dict
 from .data.manifest import MANIFEST
 from .data.readers import Normalization, load_split
 from .errors import StampError
+from .integrity import HASH_KEY, load_tensors, save_tensors
 from .models.backbones import Backbone, build_backbone
+from .records import check_record
 from .training import fit, pick_device
 
 WEIGHTS, META = "backbone.safetensors", "backbone.json"
@@ -88,24 +89,32 @@ def pretrain(cfg) -> Path:
 
 
 def save_backbone(directory: str | Path, model: Backbone, meta: dict) -> None:
-    """Write ``backbone.safetensors`` + ``backbone.json`` (``meta`` must hold backbone, width, num_classes)."""
+    """Write ``backbone.safetensors`` + ``backbone.json`` (``meta`` must hold backbone, width, num_classes);
+    the record holds the weights' sha256."""
     directory = Path(directory)
     (directory / META).unlink(missing_ok=True)  # the record goes last: weights without a record are never trusted
     with atomic_file(directory / WEIGHTS) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    write_json(directory / META, meta)
+        digest = save_tensors(model.state_dict(), tmp, f"the {meta['backbone']} backbone")
+    write_json(directory / META, {**meta, HASH_KEY: digest})
 
 
-def load_backbone(directory: str | Path) -> tuple[Backbone, dict]:
-    """Rebuild a pretrained backbone from ``backbone.json`` + ``backbone.safetensors`` (strict), in eval mode."""
+REQUIRED = {"backbone": str, "width": int, "num_classes": int, "image_size": int, "mean": list, "std": list}
+
+
+
+def load_backbone(directory: str | Path, fix: str = "re-run `stamp pretrain`") -> tuple[Backbone, dict]:
+    """Rebuild a pretrained backbone from ``backbone.json`` + ``backbone.safetensors`` (hash-checked, strict),
+    in eval mode. ``fix`` ends every error message (what the user should do about a damaged backbone)."""
     directory = Path(directory)
     meta = read_json(directory / META, "backbone record")
-    if not (directory / WEIGHTS).is_file():
-        raise StampError(f"{directory / WEIGHTS} is missing; re-run `stamp pretrain`")
-    model = build_backbone(meta["backbone"], meta["num_classes"], width=meta["width"])
+    check_record(meta, REQUIRED, directory / META, fix)
     try:
-        model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=True)
+        model = build_backbone(meta["backbone"], meta["num_classes"], width=meta["width"])
+    except (ValueError, RuntimeError) as e:
+        raise StampError(f"{directory / META}: {e}; {fix}") from None
+    state = load_tensors(directory / WEIGHTS, "backbone weights", meta.get(HASH_KEY), fix)
+    try:
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise StampError(f"{directory / WEIGHTS} does not match {META} ({str(e).splitlines()[0]}); "
-                         "re-run `stamp pretrain`") from None
+        raise StampError(f"{directory / WEIGHTS} does not match {META} ({str(e).splitlines()[0]}); {fix}") from None
     return model.eval(), meta

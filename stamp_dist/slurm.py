@@ -76,11 +76,6 @@ def _check(s: SlurmConfig) -> None:
     if limit is not None and s.signal_seconds >= limit:
         raise StampError(f"config key 'slurm.signal_seconds' is {s.signal_seconds} but the time limit slurm.time="
                          f"{s.time} is only {limit} s: the checkpoint signal would come at the start; lower it")
-    if s.nodes < 1:
-        raise StampError(f"config key 'slurm.nodes' is {s.nodes}; it must be at least 1")
-    if s.cpus_per_task < 0 or s.gpus_per_node < 0 or s.signal_seconds < 0:
-        raise StampError("config keys 'slurm.cpus_per_task', 'slurm.gpus_per_node' and 'slurm.signal_seconds' "
-                         "must not be negative")
     for arg in s.extra:
         if not arg.startswith("-") or "\n" in arg:
             raise StampError(f"config key 'slurm.extra' has {arg!r}; each entry is one sbatch option such as "

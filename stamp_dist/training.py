@@ -176,6 +176,9 @@ def fit(model: nn.Module, train: Split, test: Split | None, epochs: int, lr: flo
             t0 = time.perf_counter()
             loss, acc = train_epoch(model, images, labels, norm, opt, batch_size, generator, device,
                                     augment=augment, scheduler=scheduler, bar=bar, flip=flip)
+            if not math.isfinite(loss):  # before the checkpoint: the last good one stays
+                raise StampError(f"{desc} diverged in epoch {epoch + 1}: the training loss is {loss}; lower the "
+                                 f"learning rate (now {lr}) and run again")
             metrics = {"epoch": epoch + 1, "train_loss": round(loss, 5), "train_acc": round(acc, 5),
                        "lr_end": scheduler.get_last_lr()[0]}
             if test is not None:

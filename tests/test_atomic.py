@@ -68,3 +68,31 @@ def test_temporaries_of_dead_writers_on_this_host_are_removed(tmp_path):
     save_state(out, {"step": 1})
     assert not orphan.exists() and running.exists() and elsewhere.exists()
     assert load_state(out)["step"] == 1
+
+
+def _dead_pid() -> str:
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_leftovers_of_killed_writers_go_at_the_next_write_beside_them(tmp_path):
+    """Defect 12 of issue 15: a ``.latest.json.tmp-*`` left by a kill was never removed, and a killed
+    conversion's temporary dataset stayed until an output of the same name was written again."""
+    host, dead = socket.gethostname(), _dead_pid()
+    pointer = tmp_path / f".latest.json.tmp-{host}-{dead}-0123abcd"
+    pointer.write_text('{"version": "v0')
+    dataset = tmp_path / f".digits.tmp-{host}-{dead}-89abcdef"
+    (dataset / "train").mkdir(parents=True)
+    atomic.write_json(tmp_path / "best.json", {"version": "v000001"})  # any other output in the same directory
+    assert not pointer.exists() and not dataset.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json"]
+
+
+def test_write_probe_refuses_a_file_in_the_way_and_leaves_nothing(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StampError, match="is a file"):
+        atomic.check_writable(tmp_path / "file" / "sub" / "out")
+    with pytest.raises(StampError, match="already exists"):
+        atomic.check_writable(tmp_path / "file")
+    atomic.check_writable(tmp_path / "new" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the probe created nothing that stays

@@ -2,6 +2,7 @@
 converted through the CLI and read back with ``load_split``. The writers here are reused by
 test_data_errors.py."""
 
+import json
 import pickle
 from pathlib import Path
 
@@ -294,3 +295,17 @@ def test_fashion_mnist_package_converts(tmp_path):
     labels = read_idx(FASHION_MNIST / "t10k-labels-idx1-ubyte.gz")
     assert labels.shape == (10000,) and np.bincount(labels).tolist() == [1000] * 10
     assert read_idx(FASHION_MNIST / "train-images-idx3-ubyte.gz").shape == (60000, 28, 28)
+
+
+def test_imagefolder_includes_images_in_nested_folders(tmp_path):
+    """Defect 12 of issue 15: images in sub-folders of a class folder were silently skipped (2 of 4 in the
+    probe). They are included, as torchvision's ImageFolder reads them; hidden files and folders are not."""
+    x = pixels(5)
+    for i, rel in enumerate(["a/0.png", "a/sub/1.png", "a/sub/deeper/2.png", "b/3.png", "b/more/4.png"]):
+        (tmp_path / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i]).save(tmp_path / "src" / rel)
+    (tmp_path / "src" / "a" / ".cache").mkdir()
+    Image.fromarray(x[0]).save(tmp_path / "src" / "a" / ".cache" / "thumb.png")
+    convert("imagefolder", tmp_path / "src", tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["classes"] == ["a", "b"] and manifest["splits"]["train"]["counts"] == [3, 2]

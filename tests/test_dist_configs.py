@@ -88,7 +88,24 @@ def test_slurm_script_passes_shellcheck(script):
 
 def test_slurm_meta_train_script_requeues_on_the_time_limit_signal():
     text = (ROOT / "slurm" / "meta_train.sbatch").read_text()
+    from stamp_dist.errors import EXIT_STOPPED
+
+    assert f"stopped={EXIT_STOPPED}" in text and "((status == stopped))" in text  # requeues on "stopped, resumable"
     for needed in ("#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "#SBATCH --ntasks-per-node=1",
                    "trap on_time_limit USR1", 'kill -USR1 "${train_pid}"', 'scontrol requeue "${job}"',
                    "--num-cpus=", "--num-gpus=", ') &\ntrain_pid=$!'):  # `cmd & wait`: traps run during wait
         assert needed in text, needed
+
+
+def test_a_user_error_inside_a_worker_reaches_the_command_as_one():
+    """A StampError a Ray Train worker raises (a diverged run, a damaged checkpoint) comes back wrapped in
+    Ray Train's failure; the launcher finds it, so `stamp` prints an error line and exits 2."""
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    from stamp_dist.dist.launch import _user_error
+    from stamp_dist.errors import StampError
+
+    inner = StampError("meta-training diverged at step 3")
+    assert _user_error(WorkerGroupError("rank 1 failed", {0: RuntimeError("peer gone"), 1: inner})) is inner
+    assert _user_error(ControllerError(WorkerGroupError("x", {0: inner}))) is inner
+    assert _user_error(WorkerGroupError("x", {0: RuntimeError("a bug")})) is None

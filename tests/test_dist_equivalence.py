@@ -9,6 +9,7 @@ scaling (mean over all episodes), clipping on the averaged gradient, same AdamW 
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +32,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def save_episodes(episodes: list, path: Path) -> None:
+    """Episodes as safetensors + JSON (no pickle, as everywhere in stamp_dist)."""
+    tensors = {f"{i}.{k}": getattr(ep, k) for i, ep in enumerate(episodes)
+               for k in ("support_x", "support_y", "query_x", "query_y")}
+    save_file(tensors, str(path.with_suffix(".safetensors")))
+    path.with_suffix(".json").write_text(json.dumps([[ep.classes, ep.budget] for ep in episodes]))
+
+
+def load_episodes(path: Path) -> list:
+    from stamp_dist.data.episodes import Episode
+
+    tensors = load_file(str(path.with_suffix(".safetensors")))
+    return [Episode(*(tensors[f"{i}.{k}"] for k in ("support_x", "support_y", "query_x", "query_y")), classes, budget)
+            for i, (classes, budget) in enumerate(json.loads(path.with_suffix(".json").read_text()))]
+
+
 def _rank(rank: int, port: int, cfg_path: str, episodes_path: str, out: str) -> None:
     os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -39,18 +56,31 @@ def _rank(rank: int, port: int, cfg_path: str, episodes_path: str, out: str) -> 
     from stamp_dist.config import load_config
     from stamp_dist.dist.learner import Learner
 
-    episodes = torch.load(episodes_path, weights_only=False)
+    episodes = load_episodes(Path(episodes_path))
+    first = rank * PER_RANK  # this rank's global indices in the meta-batch
+
+    def step(learner: Learner, step: int) -> dict:
+        batch = episodes[step * WORLD * PER_RANK:(step + 1) * WORLD * PER_RANK]
+        return learner.mean_over_ranks(learner.meta_step(batch[first:first + PER_RANK], first))
+
     for name, overrides in VARIANTS.items():
-        learner = Learner(load_config(cfg_path, overrides), torch.device("cpu"))
-        metrics = []
-        for step in range(STEPS):
-            batch = episodes[step * WORLD * PER_RANK:(step + 1) * WORLD * PER_RANK]
-            first = rank * PER_RANK  # this rank's global indices in the meta-batch
-            metrics.append(learner.mean_over_ranks(learner.meta_step(batch[first:first + PER_RANK], first)))
+        cfg = load_config(cfg_path, overrides)
+        learner = Learner(cfg, torch.device("cpu"))
+        metrics = [step(learner, s) for s in range(STEPS)]
         save_file(learner.weights()["stamp"], f"{out}/{name}_rank{rank}.safetensors")
         if rank == 0:
             with open(f"{out}/{name}_metrics.json", "w") as f:
                 json.dump(metrics, f)
+        # Checkpoint (rank 0 writes safetensors + JSON), load into a fresh engine, take one more step on both.
+        learner.save(Path(out) / f"{name}_checkpoint", {"extra": name})
+        dist.barrier()
+        resumed = Learner(cfg, torch.device("cpu"))
+        extra = resumed.load(Path(out) / f"{name}_checkpoint")
+        assert extra == {"extra": name} and resumed.step == learner.step == STEPS
+        for which in (learner, resumed):
+            step(which, STEPS)
+            save_file({k: v.contiguous() for k, v in which.training_state().items()},
+                      f"{out}/{name}_{'resumed' if which is resumed else 'continued'}_rank{rank}.safetensors")
     learner.close()
 
 
@@ -63,14 +93,14 @@ def runs(tiny_run, tmp_path_factory):
     cfg = tiny_config(tiny_run, f"meta.out={tmp}/meta", f"meta.meta_batch={PER_RANK}", f"meta.grad_clip={CLIP}")
     OmegaConf.save(cfg, tmp / "cfg.yaml")
     trainer = MetaTrainer(cfg)
-    episodes = [trainer.sampler.sample() for _ in range(STEPS * WORLD * PER_RANK)]
-    torch.save(episodes, tmp / "episodes.pt")
+    episodes = [trainer.sampler.sample() for _ in range((STEPS + 1) * WORLD * PER_RANK)]  # +1: after the resume
+    save_episodes(episodes, tmp / "episodes")
     initial = {k: v.detach().clone() for k, v in trainer.stamp.state_dict().items()}
     reference = []
     for step in range(STEPS):
         reference.append(trainer.meta_step(episodes[step * WORLD * PER_RANK:(step + 1) * WORLD * PER_RANK]))
     weights = {k: v.detach().clone() for k, v in trainer.stamp.state_dict().items()}
-    mp.spawn(_rank, args=(_free_port(), str(tmp / "cfg.yaml"), str(tmp / "episodes.pt"), str(tmp)), nprocs=WORLD)
+    mp.spawn(_rank, args=(_free_port(), str(tmp / "cfg.yaml"), str(tmp / "episodes"), str(tmp)), nprocs=WORLD)
     return tmp, initial, weights, reference
 
 
@@ -99,3 +129,21 @@ def test_bf16_engine_trains(runs):
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in json.loads((tmp / "bf16_metrics.json").read_text()))
     assert any(float((weights[k] - initial[k]).abs().max()) > 0 for k in weights)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_checkpoint_is_safetensors_and_resumes_exactly(runs, variant):
+    """Defect 1 of issue 15: Ray-backend training state was DeepSpeed's pickles. Now a checkpoint is
+    safetensors + JSON only, and an engine loaded from it (ZeRO 0, ZeRO 2, bf16 with ZeRO 1) takes the
+    same next step as the engine that wrote it: weights, fp32 masters and AdamW moments all equal."""
+    from stamp_dist.checkpoint import FILES
+
+    tmp = runs[0]
+    assert sorted(p.name for p in (tmp / f"{variant}_checkpoint").iterdir()) == sorted(FILES)
+    for rank in range(WORLD):
+        continued = load_file(str(tmp / f"{variant}_continued_rank{rank}.safetensors"))
+        resumed = load_file(str(tmp / f"{variant}_resumed_rank{rank}.safetensors"))
+        assert continued.keys() == resumed.keys() and any(k.startswith("exp_avg_sq.") for k in continued)
+        for k in continued:
+            assert torch.equal(continued[k], resumed[k]), (variant, rank, k)

@@ -4,10 +4,13 @@ One Ray instance serves the test session (``ray_cluster``). ``faulty_run`` drive
 with ``runtime.backend=ray`` three times on one run directory, as a user would, and the tests read
 what it left behind (each Ray Train start costs ~20 s, so the assertions share these runs):
 
-A. the command is killed (SIGKILL) after its first checkpoints;
+A. the command is killed (SIGKILL) after its first checkpoints; before, the listening sockets of its
+   training workers are read (all must be on loopback);
 B. the same command resumes; a sampler actor and then a training worker are killed mid-run; then
-   SIGUSR1 (SLURM's pre-timeout signal) makes it checkpoint and stop;
-C. the same command resumes and finishes.
+   SIGTERM makes it checkpoint and stop with exit status 75 (stopped, resumable);
+C. the same command resumes; Ctrl-C (SIGINT) makes it checkpoint and stop, again with 75;
+D. the same command resumes and finishes.
+(SIGUSR1, SLURM's pre-timeout signal, takes the same path: tests/test_slurm.py.)
 """
 
 import json
@@ -24,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import tiny_config
+from stamp_dist.errors import EXIT_STOPPED
 
 STEPS, CHECKPOINT_EVERY, VAL_EVERY = 60, 5, 20
 
@@ -45,10 +49,14 @@ def ray_cluster():
 
 
 def ray_processes(actor_class: str) -> list[psutil.Process]:
-    """Live processes of this machine's Ray actors of one class (Ray titles them ``ray::Class...``)."""
+    """Live processes of the session Ray's actors of one class (Ray titles them ``ray::Class...``): only
+    descendants of this test process, which started that Ray (another Ray on a shared machine is not ours)."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
         if cmd and cmd[0].startswith(f"ray::{actor_class}"):
             found.append(p)
     return found
@@ -84,6 +92,23 @@ def latest_checkpoint_step(run: Path) -> int:
     return max(r["metrics"]["step"] for r in snapshot["checkpoint_results"])
 
 
+def listening(procs: list[psutil.Process]) -> list[str]:
+    """``address:port`` of every listening TCP socket of ``procs``."""
+    found = []
+    for p in procs:
+        try:
+            conns = p.net_connections(kind="inet")
+        except psutil.NoSuchProcess:
+            continue
+        found += [f"{c.laddr.ip}:{c.laddr.port}" for c in conns if c.status == psutil.CONN_LISTEN]
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    ip = address.rpartition(":")[0]
+    return ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1")
+
+
 def kill_and_wait_gone(procs: list[psutil.Process]) -> None:
     for p in procs:
         p.kill()
@@ -107,11 +132,19 @@ def faulty_run(ray_cluster, tiny_run, tmp_path_factory):
         return subprocess.Popen([sys.executable, "-m", "stamp_dist.cli", "meta-train", "-c", str(tmp / "run.yaml")],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
 
+    def stopped_by(proc: subprocess.Popen, sig: signal.Signals, phase: str) -> None:
+        proc.send_signal(sig)
+        assert proc.wait(timeout=300) == EXIT_STOPPED, (tmp / f"phase_{phase}.log").read_text()[-3000:]
+        assert "stopped at step" in (tmp / f"phase_{phase}.log").read_text()
+
     # A: kill the whole command once it has checkpointed.
     t0 = time.monotonic()
     a = command("A")
     wait_for(lambda: (run / "train" / "checkpoint_manager_snapshot.json").is_file() and last_step(run) >= 8,
              600, "phase A to pass step 8", a)
+    workers = ray_processes("RayTrainWorker")
+    record["worker_sockets"] = listening(workers)
+    record["workers_seen"] = len(workers)
     a.kill()
     a.wait()
     record["a_checkpoint"] = latest_checkpoint_step(run)
@@ -146,16 +179,23 @@ def faulty_run(ray_cluster, tiny_run, tmp_path_factory):
     # What Ray Train had committed when it restarted the group (it commits a checkpoint when its
     # controller has collected every rank's report, so the newest upload may not have been committed).
     record["committed_at_restart"] = latest_checkpoint_step(run)
-    b.send_signal(signal.SIGUSR1)
-    assert b.wait(timeout=300) == 0, (tmp / "phase_B.log").read_text()[-3000:]
+    stopped_by(b, signal.SIGTERM, "B")
     record["b_summary"] = json.loads((run / "summary.json").read_text())
     record["b_seconds"] = time.monotonic() - t0
 
-    # C: the same command finishes the run.
+    # C: resume, then Ctrl-C.
     t0 = time.monotonic()
     c = command("C")
-    assert c.wait(timeout=600) == 0, (tmp / "phase_C.log").read_text()[-3000:]
+    wait_for(lambda: last_step(run) >= record["b_summary"]["step"] + 2, 600, "phase C to resume and take 2 steps", c)
+    stopped_by(c, signal.SIGINT, "C")
+    record["c_summary"] = json.loads((run / "summary.json").read_text())
     record["c_seconds"] = time.monotonic() - t0
+
+    # D: the same command finishes the run.
+    t0 = time.monotonic()
+    d = command("D")
+    assert d.wait(timeout=600) == 0, (tmp / "phase_D.log").read_text()[-3000:]
+    record["d_seconds"] = time.monotonic() - t0
     record["events"] = read_jsonl(run / "events.jsonl")
     record["summary"] = json.loads((run / "summary.json").read_text())
     print({k: v for k, v in record.items() if k != "events"})
@@ -188,12 +228,81 @@ def test_killed_worker_restarts_from_last_checkpoint(faulty_run):
 
 
 @pytest.mark.slow
-def test_stop_signal_checkpoints_and_the_next_run_finishes(faulty_run):
-    b, final = faulty_run["b_summary"], faulty_run["summary"]
-    assert b["stopped"] and b["step"] < STEPS
-    starts = [e for e in faulty_run["events"] if e["event"] == "start"]
-    assert starts[-1]["step"] == b["step"]  # C resumed exactly where B stopped
+def test_stop_signals_checkpoint_and_the_next_run_finishes(faulty_run):
+    """SIGTERM (B) and Ctrl-C (C) each checkpoint at the end of the step and exit 75 (the fixture checks
+    the status); the next start resumes exactly there. (Defect 2 of issue 15: SIGTERM ended a Ray run
+    through Ray's own handler, rc 1 or -6, without a checkpoint.)"""
+    b, c, final = faulty_run["b_summary"], faulty_run["c_summary"], faulty_run["summary"]
+    assert b["stopped"] and c["stopped"] and b["step"] < c["step"] < STEPS
+    starts = [e["step"] for e in faulty_run["events"] if e["event"] == "start"]
+    assert starts[-2:] == [b["step"], c["step"]]  # C resumed where B stopped, D where C stopped
     assert final["step"] == STEPS and not final["stopped"]
+
+
+@pytest.mark.slow
+def test_metrics_hold_every_step_exactly_once(faulty_run):
+    """Defect 11 of issue 15: after a SIGKILL, a killed worker, SIGTERM and Ctrl-C, each step is logged once."""
+    assert [r["step"] for r in read_jsonl(faulty_run["run"] / "metrics.jsonl")] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_workers_listen_on_loopback_only(faulty_run):
+    """Defect 3 of issue 15: rank 0's TCPStore listened on every interface (``*:PORT``)."""
+    assert faulty_run["workers_seen"] == 2 and faulty_run["worker_sockets"]
+    assert all(is_loopback(a) for a in faulty_run["worker_sockets"]), faulty_run["worker_sockets"]
+
+
+def _is_pickle(path: Path) -> bool:
+    """A pickle (protocol 2+ starts with 0x80) or a torch.save zip (holds ``data.pkl``)."""
+    head = path.read_bytes()[:4]
+    if head[:1] == b"\x80":
+        return True
+    if head == b"PK\x03\x04":
+        import zipfile
+
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith(".pkl") for n in z.namelist())
+    return False
+
+
+@pytest.mark.slow
+def test_run_directory_holds_no_pickle(faulty_run):
+    """Defect 1 of issue 15: Ray-backend checkpoints were DeepSpeed pickles loaded with weights_only=False."""
+    files = [p for p in faulty_run["run"].rglob("*") if p.is_file()]
+    assert any(p.name == "state.safetensors" for p in files)
+    assert [p for p in files if _is_pickle(p)] == []
+
+
+class _Payload:
+    """Unpickling this runs a shell command (what the probe planted in a DeepSpeed checkpoint)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.slow
+def test_planted_pickle_in_a_checkpoint_runs_nothing(faulty_run, tmp_path, capsys):
+    """The reproduction of defect 1: a crafted ``mp_rank_00_model_states.pt`` in the newest checkpoint.
+    Resuming refuses it unread, exits 2 naming the file; its payload never runs."""
+    import pickle
+    import shutil
+
+    from stamp_dist.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(faulty_run["run"] / "train", run / "train")
+    newest = max(p for p in (run / "train").glob("checkpoint_*") if p.is_dir())
+    planted = newest / "engine" / "mp_rank_00_model_states.pt"
+    planted.parent.mkdir()
+    marker = tmp_path / "payload_ran"
+    planted.write_bytes(pickle.dumps(_Payload(marker)))
+    assert main(["meta-train", "-c", str(faulty_run["yaml"]), f"meta.out={run}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(planted) in err and "Traceback" not in err
+    assert not marker.exists()
 
 
 @pytest.mark.slow

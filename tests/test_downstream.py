@@ -13,6 +13,7 @@ from stamp_dist.cli import main
 from stamp_dist.config import PruneConfig
 from stamp_dist.data.readers import Normalization, load_split
 from stamp_dist.data.shards import PerClassShardWriter
+from stamp_dist.integrity import sha256_file
 from stamp_dist.meta.artifact import resolve
 
 
@@ -111,7 +112,8 @@ def _small_images_target(path):
     ("budget_big", ["budget", "(0, 1]"]),
     ("one_class", ["1 class", "at least 2"]),
     ("few_images", ["fewer", "asked"]),
-    ("other_backbone", ["fingerprint"]),
+    ("other_backbone", ["backbone.safetensors", "sha256", "generator artifact", "damaged"]),
+    ("other_backbone_rehashed", ["fingerprint", "damaged"]),  # backbone.json's hash updated with the swap
     ("wrong_size", ["16", "--image-size 32"]),
     ("not_a_generator", ["no generator artifact"]),
 ])
@@ -126,12 +128,16 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, words, tiny_generat
         _one_class_target(data)
     elif case == "few_images":
         extra = ["prune.samples_per_class=1000"]
-    elif case == "other_backbone":
+    elif case.startswith("other_backbone"):
         generator = tmp_path / "swapped"
         shutil.copytree(resolve(tiny_generator), generator)
         weights = load_file(str(generator / "backbone.safetensors"))
         save_file({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()},
                   str(generator / "backbone.safetensors"))
+        if case == "other_backbone_rehashed":
+            record = json.loads((generator / "backbone.json").read_text())
+            record["weights_sha256"] = sha256_file(generator / "backbone.safetensors")
+            (generator / "backbone.json").write_text(json.dumps(record))
     elif case == "wrong_size":
         data = tmp_path / "small"
         _small_images_target(data)

@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from stamp_dist.errors import StampError
+from stamp_dist.errors import StampError, Stopped
 from stamp_dist.meta.artifact import GeneratorStore, load_generator, resolve
 from stamp_dist.meta.trainer import MetaTrainer, meta_train
+from stamp_dist.runlog import MetricsLog
 
 
 def test_run_publishes_versions_and_pointers(tiny_generator):
@@ -47,8 +48,10 @@ def test_resume_equals_uninterrupted_run(tiny_run, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_stop_signal_checkpoints_then_resume_matches_uninterrupted_run(tiny_run, tmp_path, capsys):
-    """SIGUSR1 (SLURM's pre-timeout signal) after step 1 — not a checkpoint step — checkpoints there."""
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_stop_signal_checkpoints_then_resume_matches_uninterrupted_run(tiny_run, tmp_path, capsys, sig):
+    """SIGUSR1 (SLURM's pre-timeout signal), SIGTERM or Ctrl-C after step 1 — not a checkpoint step —
+    checkpoints there and stops (``Stopped``: the CLI exits with EXIT_STOPPED); the rerun resumes exactly."""
     straight = tmp_path / "straight"
     meta_train(tiny_config(tiny_run, f"meta.out={straight}"))
     split = tmp_path / "split"
@@ -58,16 +61,19 @@ def test_stop_signal_checkpoints_then_resume_matches_uninterrupted_run(tiny_run,
     def step_then_signal(episodes):
         out = step(episodes)
         if trainer.step == 1:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), sig)
         return out
 
     trainer.meta_step = step_then_signal
-    trainer.run()
-    assert "stopped at step 1 with a checkpoint" in capsys.readouterr().out
-    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is gone after the run
+    before = signal.getsignal(sig)
+    with pytest.raises(Stopped, match="stopped at step 1 of 4 with a checkpoint"):
+        trainer.run()
+    assert signal.getsignal(sig) is before  # the handler is gone after the run
+    assert [r["step"] for r in MetricsLog(split / "metrics.jsonl").steps()] == [1]
     resumed = MetaTrainer(tiny_config(tiny_run, f"meta.out={split}"))
     resumed.run()
     assert "from step 1" in capsys.readouterr().out  # resumed, not restarted
+    assert [r["step"] for r in MetricsLog(split / "metrics.jsonl").steps()] == [1, 2, 3, 4]
     a = load_file(str(straight / "checkpoint" / "state.safetensors"))
     b = load_file(str(split / "checkpoint" / "state.safetensors"))
     for k in a:
@@ -114,3 +120,57 @@ def test_store_keeps_last_k_and_best(tmp_path):
     versions = sorted(p.name for p in store.root.glob("v*"))
     assert versions == ["v000001", "v000003", "v000004"]  # best (step 1) survives pruning
     assert store.pointer("best")["version"] == "v000001" and store.pointer("latest")["version"] == "v000004"
+
+
+@pytest.fixture(scope="module")
+def big_classes(tmp_path_factory):
+    """A reference dataset whose classes hold 520 training images: more than the default sampler buffer (512)."""
+    import numpy as np
+
+    from stamp_dist.data.shards import PerClassShardWriter
+
+    root = tmp_path_factory.mktemp("big_classes")
+    writer = PerClassShardWriter(root, [f"c{i}" for i in range(6)], 32)
+    rng = np.random.default_rng(0)
+    for c in range(6):
+        for split, n in (("train", 520), ("test", 8)):
+            for _ in range(n):
+                writer.add(split, c, rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    writer.finish()
+    return root
+
+
+def _stopped_at(trainer: MetaTrainer, at: int) -> None:
+    """Run ``trainer``, sending SIGTERM to this process during step ``at``; expect the checkpoint-and-stop."""
+    step = trainer.meta_step
+
+    def step_then_signal(episodes):
+        out = step(episodes)
+        if trainer.step == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    trainer.meta_step = step_then_signal
+    with pytest.raises(Stopped):
+        trainer.run()
+
+
+@pytest.mark.parametrize("overrides", [[], ["runtime.sampler_buffer=10", "runtime.sampler_reuse=1"]],
+                         ids=["520_per_class", "small_buffer_refilled"])
+def test_resume_is_exact_when_classes_exceed_the_sampler_buffer(tiny_run, big_classes, tmp_path, overrides):
+    """Defect 4 of issue 15: with more images per class than the buffer holds, a resumed run drew other
+    images than an uninterrupted one (0.029 apart at 600 per class). The buffers' contents are now a
+    function of (seed, class, fill number), saved with the checkpoint: resume is bit-exact, also when
+    buffers are refilled during the run (second case)."""
+    def config(out):
+        return tiny_config(tiny_run, f"data.reference={big_classes}", f"meta.out={out}", "meta.steps=6",
+                           "meta.checkpoint_every=100", *overrides)
+
+    meta_train(config(tmp_path / "straight"))
+    _stopped_at(MetaTrainer(config(tmp_path / "split")), 3)
+    meta_train(config(tmp_path / "split"))
+    a = load_file(str(tmp_path / "straight" / "checkpoint" / "state.safetensors"))
+    b = load_file(str(tmp_path / "split" / "checkpoint" / "state.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -185,3 +185,26 @@ def test_statistics_without_a_train_split(tmp_path):
     for image in x:
         w.add("test", 0, image)
     np.testing.assert_allclose(w.finish().mean, (x.reshape(-1, 3) / 255).mean(0), atol=1e-5)
+
+
+def test_a_tar_member_claiming_more_than_the_file_holds_is_refused_before_reading(tmp_path):
+    """Defect 5 of issue 15: sizes are checked before allocating. A 1.5 kB shard whose member header claims
+    8 GiB must fail as a corrupt shard, not try to read (allocate) 8 GiB."""
+    import io
+    import tarfile
+
+    from stamp_dist.data.readers import iter_tar
+    from stamp_dist.errors import StampError
+
+    path = tmp_path / "lie.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("s0.png")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"\x89PNG"))
+    data = bytearray(path.read_bytes())
+    header = tarfile.TarInfo("s0.png")
+    header.size = 8 * 2**30
+    data[:512] = header.tobuf(format=tarfile.GNU_FORMAT)[:512]
+    path.write_bytes(bytes(data))
+    with pytest.raises(StampError, match="lie.tar is truncated or corrupt.*claims 8589934592 bytes"):
+        list(iter_tar(path))

@@ -26,3 +26,15 @@ def test_a_signal_during_the_handler_does_not_deadlock():
     with stop_requests(again) as stop:
         os.kill(os.getpid(), signal.SIGUSR1)
     assert stop.is_set() and calls == [0, 1, 2]
+
+
+def test_ctrl_c_requests_a_stop_and_a_second_one_aborts():
+    """Ctrl-C is a stop request like SIGTERM (checkpoint, then stop); pressed again it aborts at once."""
+    import pytest
+
+    with stop_requests() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

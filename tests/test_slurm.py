@@ -236,7 +236,6 @@ def test_render_takes_header_from_config_and_body_from_template(tiny_run, tmp_pa
 @pytest.mark.parametrize("overrides, args, message", [
     (["slurm.time=tomorrow"], {}, "slurm.time"),
     (["slurm.extra=[exclusive]"], {}, "slurm.extra"),
-    (["slurm.nodes=0"], {}, "slurm.nodes"),
     (["slurm.time=10"], {}, "slurm.signal_seconds"),  # 600 s: the signal would come at the start
     ([], {"array": "0-3"}, "--array is for prune jobs"),
     ([], {"job": "prune", "budgets": [1.5]}, "budget 1.5"),
@@ -249,6 +248,11 @@ def test_render_rejects_bad_input(tiny_run, tmp_path, overrides, args, message):
     cfg = tiny_config(tiny_run, f"meta.out={tmp_path}", *overrides)
     with pytest.raises(StampError, match=re.escape(message)):
         prepare(cfg, str(ROOT / "configs" / "demo.yaml"), [], **args)
+
+
+def test_slurm_numbers_are_checked_when_the_config_loads(tiny_run, tmp_path):
+    with pytest.raises(StampError, match=re.escape("'slurm.nodes' is 0")):
+        tiny_config(tiny_run, f"meta.out={tmp_path}", "slurm.nodes=0")
 
 
 def test_dry_run_prints_and_writes_nothing(tiny_run, tmp_path, capsys):

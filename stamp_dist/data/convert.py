@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import math
+import os
 import pickle
 import struct
 import zipfile
@@ -22,7 +24,7 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, check_writable
 from ..errors import StampError
 from ..progress import progress
 from .manifest import Manifest
@@ -123,13 +125,24 @@ def _check_arrays(x, y, path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _array_source(classes: list[str] | None, parts: list[tuple[str, np.ndarray, np.ndarray, Path]]) -> Source:
-    """A source over in-memory ``(split, images, labels, file)`` parts."""
+    """A source over in-memory ``(split, images, labels, file)`` parts; labels are checked before any is written."""
+    total = sum(len(y) for _, _, y, _ in parts)
+    # Without names, labels are 0..C-1 with C <= the number of images (every class has one).
+    limit = len(classes) if classes is not None else total
+    for _, _, y, path in parts:
+        bad = np.flatnonzero((y < 0) | (y >= limit))
+        if len(bad):
+            i = int(bad[0])
+            raise StampError(f"{path} (image {i}): label {y[i]} is outside 0..{limit - 1} "
+                             + (f"(the {len(classes)} class names)" if classes is not None else
+                                f"(labels are 0..C-1 and the {total} images cannot hold more classes)")
+                             + "; fix the labels")
     items = (
         Item(split, int(label), image, f"{path} (image {i})")
         for split, x, y, path in parts
         for i, (image, label) in enumerate(zip(x, y))
     )
-    return Source(classes, items, sum(len(y) for _, _, y, _ in parts))
+    return Source(classes, items, total)
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -144,7 +157,13 @@ def _read_image(path: Path) -> Image.Image:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """A class folder's images, nested sub-folders included (as torchvision's ImageFolder reads them, so a
+    tree that trains there converts whole); hidden files and folders are skipped."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(root, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
 
 
 def _imagefolder(src: Path) -> Source:
@@ -273,6 +292,36 @@ def _svhn(src: Path) -> Source:
     return _array_source([str(i) for i in range(10)], parts)
 
 
+# Deflate cannot expand data more than ~1032-fold: an array claiming more bytes than that is a lie.
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_npz_member(z, key: str, path: Path) -> None:
+    """The size an array of the archive claims in its header, checked against what the file can hold
+    and the memory available — before numpy allocates it."""
+    info = z.zip.getinfo(f"{key}.npy" if f"{key}.npy" in z.zip.namelist() else key)
+    with z.zip.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    claimed = math.prod(shape) * dtype.itemsize
+    stored = info.compress_size * (_DEFLATE_MAX_RATIO if info.compress_type else 1)
+    if claimed > min(info.file_size, stored):
+        raise StampError(f"{path}: array '{key}' claims shape {shape} ({claimed / 2**30:.1f} GiB) but the file holds "
+                         f"{info.compress_size} bytes for it: the file is corrupt or crafted; re-create it")
+    free = _available_memory()
+    if free is not None and claimed > free:
+        raise StampError(f"{path}: array '{key}' needs {claimed / 2**30:.1f} GiB, more than the "
+                         f"{free / 2**30:.1f} GiB of memory available; split the data into several files")
+
+
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
     fix = "save it with np.savez(path, x=uint8 images, y=int labels[, class_names=str array])"
     try:
@@ -282,7 +331,10 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
                 raise StampError(f"{path}: holds a single array, not an .npz archive; {fix}")
             if "x" not in z or "y" not in z:
                 raise StampError(f"{path}: needs arrays 'x' (images) and 'y' (labels), it has {z.files}; {fix}")
-            return {k: z[k] for k in ("x", "y", "class_names") if k in z}
+            keys = [k for k in ("x", "y", "class_names") if k in z]
+            for k in keys:
+                _check_npz_member(z, k, path)
+            return {k: z[k] for k in keys}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         # ValueError also covers object arrays (e.g. class_names of Python objects), which need pickle.
         raise StampError(f"{path}: cannot read as .npz ({type(e).__name__}: {e}); {fix}") from None
@@ -442,6 +494,7 @@ def convert(kind: str, src: str | Path, out: str | Path, image_size: int | None 
     src = Path(src)
     if not src.exists():
         raise StampError(f"source {src} not found; expected {LAYOUTS[kind]}")
+    check_writable(out)
     with atomic_dir(out) as tmp:
         source = READERS[kind](src)
         writer = PerClassShardWriter(tmp, source.classes, image_size, shard_size, source=f"{kind}:{src.resolve()}")

@@ -50,7 +50,12 @@ class Episode:
 
 
 class ClassPool:
-    """Bounded per-class image buffers over one split of a per-class shard dataset."""
+    """Bounded per-class image buffers over one split of a per-class shard dataset.
+
+    Which images fill a class's buffer is a pure function of ``(seed, class, fill number)``, so the
+    pool's whole state is small — the draw RNG and, per class, the fill number and the images served
+    from it (``state``) — and a pool restored from it serves exactly the images the original would
+    have, whatever the class sizes (a resumed run is bit-identical to an uninterrupted one)."""
 
     def __init__(self, root: str | Path, split: str = "train", buffer_size: int = 512, reuse: int = 4,
                  seed: int = 0, manifest: Manifest | None = None):
@@ -59,20 +64,22 @@ class ClassPool:
         self.split = split
         self.buffer_size = buffer_size
         self.reuse = reuse
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
         self._buffers: dict[int, torch.Tensor] = {}
-        self._served: dict[int, int] = {}
+        self._fills: dict[int, int] = {}  # per class: how many times its buffer was filled
+        self._served: dict[int, int] = {}  # per class: images served from the current fill
 
-    def _fill(self, label: int) -> torch.Tensor:
+    def _load(self, label: int, fill: int) -> torch.Tensor:
+        """The buffer of fill number ``fill`` of a class: all its images, or a subset chosen by ``(seed, label, fill)``."""
         count = self.manifest.split(self.split).counts[label]
         keep = min(count, self.buffer_size)
-        # Reservoir-free subset choice: pick indices first, then stream the shards once.
-        chosen = set(self.rng.choice(count, size=keep, replace=False).tolist()) if keep < count else None
+        subset = np.random.default_rng([self.seed, label, fill])
+        # Pick indices first, then stream the shards once.
+        chosen = set(subset.choice(count, size=keep, replace=False).tolist()) if keep < count else None
         images = [arr for i, arr in enumerate(iter_class(self.root, self.manifest, self.split, label))
                   if chosen is None or i in chosen]
-        buf = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-        self._buffers[label], self._served[label] = buf, 0
-        return buf
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
     def get(self, label: int, n: int) -> torch.Tensor:
         """``n`` distinct images of class ``label`` (uint8 ``[n, 3, H, W]``), drawn at random."""
@@ -83,17 +90,25 @@ class ClassPool:
                 f"an episode needs {n} (k_shot + q_query): lower them"
             )
         buf = self._buffers.get(label)
+        if buf is None and label in self._fills:  # restored from a state: the buffer it had
+            buf = self._buffers[label] = self._load(label, self._fills[label])
         if buf is None or len(buf) < n or self._served[label] >= self.reuse * len(buf):
-            buf = self._fill(label)
+            self._fills[label] = self._fills.get(label, 0) + 1
+            buf = self._buffers[label] = self._load(label, self._fills[label])
+            self._served[label] = 0
         self._served[label] += n
         idx = torch.from_numpy(self.rng.choice(len(buf), size=n, replace=False))
         return buf[idx]
 
-    def rng_state(self) -> dict:
-        return self.rng.bit_generator.state
+    def state(self) -> dict:
+        """What ``set_state`` needs to continue exactly: the draw RNG, and per class the fill and images served."""
+        return {"rng": self.rng.bit_generator.state, "fills": [[c, f, self._served[c]] for c, f in self._fills.items()]}
 
-    def set_rng_state(self, state: dict) -> None:
-        self.rng.bit_generator.state = state
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self._buffers.clear()  # rebuilt on demand from the fill numbers
+        self._fills = {int(c): int(f) for c, f, _ in state["fills"]}
+        self._served = {int(c): int(n) for c, _, n in state["fills"]}
 
 
 def split_classes(num_classes: int, val_classes: int, seed: int) -> tuple[list[int], list[int]]:

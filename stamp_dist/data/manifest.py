@@ -14,10 +14,11 @@ the shards of its N classes.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..atomic import read_json, write_json
 from ..errors import StampError
+from ..records import MAX_CLASSES, MAX_IMAGE_SIZE, is_int, stats_problem
 
 FORMAT = "stamp_dist/per-class-shards/v1"
 MANIFEST = "manifest.json"
@@ -87,19 +88,16 @@ class Manifest:
         def bad(problem: str) -> StampError:
             return StampError(f"{path} is malformed: {problem}; regenerate it with `stamp data convert`")
 
-        def is_int(x) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
-
         if not isinstance(self.classes, list) or not self.classes or not all(isinstance(c, str) for c in self.classes):
             raise bad("'classes' must be a non-empty list of names")
-        if not is_int(self.image_size) or self.image_size < 1:
-            raise bad(f"'image_size' is {self.image_size!r}, expected a positive integer")
-        for key in ("mean", "std"):
-            v = getattr(self, key)
-            if not isinstance(v, list) or len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):
-                raise bad(f"'{key}' must be 3 numbers")
-        if min(self.std) <= 0:
-            raise bad("'std' must be positive")
+        if len(self.classes) > MAX_CLASSES:
+            raise bad(f"'classes' lists {len(self.classes)} classes, more than the {MAX_CLASSES} supported")
+        if not is_int(self.image_size) or not 1 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise bad(f"'image_size' is {self.image_size!r}, expected an integer in [1, {MAX_IMAGE_SIZE}]")
+        if not is_int(self.channels) or self.channels != 3:
+            raise bad(f"'channels' is {self.channels!r}; the format stores RGB images: it must be the integer 3")
+        if problem := stats_problem({"mean": self.mean, "std": self.std}):
+            raise bad(problem)
         if not self.splits:
             raise bad("'splits' is empty")
         n = len(self.classes)
@@ -110,3 +108,15 @@ class Manifest:
                 raise bad(f"split '{name}' has counts that are not non-negative integers")
             if not all(isinstance(sh, list) and all(isinstance(p, str) for p in sh) for sh in s.shards):
                 raise bad(f"split '{name}' has shard lists that are not lists of paths")
+            for rel in (p for sh in s.shards for p in sh):
+                if not _confined_shard_path(rel):
+                    raise bad(f"split '{name}' lists shard {rel!r}: shards must be .tar files given by a relative "
+                              "path inside the dataset directory (no absolute paths, no '..')")
+
+
+def _confined_shard_path(rel: str) -> bool:
+    """A shard path stays inside the dataset directory: relative, without ``..``, naming a ``.tar`` file.
+    (Lexical: symlinks the user placed inside the dataset directory are followed as they are.)"""
+    path = PurePosixPath(rel)
+    return (bool(rel) and not path.is_absolute() and "\\" not in rel and ".." not in path.parts
+            and path.suffix == ".tar")

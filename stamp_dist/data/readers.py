@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import io
 import itertools
+import os
 import re
 import tarfile
 from pathlib import Path
@@ -77,12 +78,16 @@ def iter_tar(path: str | Path) -> Iterator[tuple[str, dict]]:
         raise StampError(f"shard {path} is missing; the dataset directory is incomplete — re-create it")
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             with tarfile.open(fileobj=f, mode="r|") as tar:
                 key, sample = None, {}
                 for member in tar:
                     base, ext = base_plus_ext(member.name)
                     if not member.isreg() or base is None or _META.match(member.name):
                         continue
+                    if member.offset_data + member.size > size:  # checked before reading allocates its size
+                        raise tarfile.ReadError(f"member {member.name} claims {member.size} bytes, more than the "
+                                                "file holds")
                     if base != key:
                         if sample:
                             yield key, sample

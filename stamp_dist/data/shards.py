@@ -7,6 +7,7 @@ because a shard closed early must later be reopened for appending (see ``MAX_OPE
 from __future__ import annotations
 
 import io
+import itertools
 import tarfile
 from collections import Counter, OrderedDict, defaultdict
 from pathlib import Path
@@ -160,11 +161,11 @@ class PerClassShardWriter:
             return self.classes
         seen = {label for _, label in self._counts}
         num = max(seen) + 1 if seen else 0
-        missing = sorted(set(range(num)) - seen)
-        if missing:
+        if len(seen) < num:  # a gap; list the first few without building range(num) (labels can be huge)
+            missing = list(itertools.islice((i for i in range(num) if i not in seen), 10))
             raise ValueError(
-                f"labels must be 0..C-1 when no class names are given, but labels {missing[:10]} have no images "
-                f"(highest label {num - 1}); supply the class names"
+                f"labels must be 0..C-1 when no class names are given, but labels {missing} have no images "
+                f"(highest label {num - 1}, {len(seen)} labels used); supply the class names or fix the labels"
             )
         return [str(i) for i in range(num)]
 

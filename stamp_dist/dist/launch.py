@@ -5,14 +5,21 @@ default) and without a dashboard; with it (``auto`` or ``HOST:PORT``) the run jo
 whose nodes must see the run directory and have stamp_dist installed. The launcher creates the
 sampler actors and the aggregator, then runs a Ray Train ``TorchTrainer`` whose storage is the run
 directory (``meta.out/train``): re-running the same command resumes from the latest checkpoint
-there. SIGTERM or SIGUSR1 (SLURM's pre-timeout signal) makes the workers checkpoint and stop.
+there (safetensors + JSON only: a checkpoint holding anything else is refused before Ray starts).
+SIGTERM, SIGUSR1 (SLURM's pre-timeout signal) or Ctrl-C makes the workers checkpoint at the end of
+the step and stop; the command then raises ``Stopped`` (exit status 75). Ray installs its own SIGTERM
+and SIGINT handlers (``ray.init``, ``TrainController``), so the launcher takes the signals back after
+``ray.init`` and runs ``fit`` outside the main thread, where Ray Train installs none.
+A local run (Ray on 127.0.0.1) keeps every socket of its workers on loopback (``rendezvous.py``).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import socket
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -20,22 +27,35 @@ from ..atomic import read_json
 from ..config import RuntimeConfig, StampConfig, from_dict, to_dict
 from ..data.episodes import split_classes, task_families
 from ..data.manifest import Manifest
+from ..errors import StampError, Stopped
 from ..meta.artifact import GeneratorStore
-from ..signals import stop_requests
-from .learner import deepspeed_config
+from ..signals import install, stop_requests
+from .learner import check_checkpoint_dir, deepspeed_config
 from .worker import STOP_FILE
 
 LOOPBACK = ("127.0.0.1", "localhost")
 PATHS = (("data", "root"), ("data", "reference"), ("pretrain", "out"), ("meta", "out"), ("tracking", "dir"))
 
 
+def is_local(runtime: RuntimeConfig) -> bool:
+    """The run stays on this machine's loopback: a Ray started here on a loopback host, or joined at a loopback address."""
+    if runtime.address is None:
+        return runtime.host in LOOPBACK
+    host = runtime.address.rpartition(":")[0] or runtime.address
+    return host in LOOPBACK or host.startswith("127.")
+
+
 def worker_env(runtime: RuntimeConfig) -> dict[str, str]:
-    """Environment of Ray's processes: DeepSpeed's CPU accelerator off-GPU, and one cache for its JIT-built ops
-    (``deepspeed_shm_comm`` takes ~40 s to compile the first time)."""
+    """Environment of Ray's processes: DeepSpeed's CPU accelerator off-GPU, one cache for its JIT-built ops
+    (``deepspeed_shm_comm`` takes ~40 s to compile the first time), and for a local run gloo's and NCCL's
+    connections on the loopback interface (else they bind to the address the host name resolves to)."""
     env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                   str(Path.home() / ".cache" / "torch_extensions"))}
     if not runtime.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
+    loopback = [name for _, name in socket.if_nameindex() if name in ("lo", "lo0")]
+    if is_local(runtime) and loopback:
+        env |= {"GLOO_SOCKET_IFNAME": loopback[0], "NCCL_SOCKET_IFNAME": loopback[0]}
     return env
 
 
@@ -87,36 +107,82 @@ def _warn_if_short(runtime: RuntimeConfig, sampler_actors: int) -> None:
                   "it waits until enough nodes join", file=sys.stderr, flush=True)
 
 
+def check_checkpoints(train_dir: Path) -> None:
+    """Every Ray Train checkpoint of the run holds only stamp_dist's safetensors + JSON (checked before
+    anything starts; the workers check again before loading)."""
+    for checkpoint in sorted(train_dir.glob("checkpoint_*")):
+        if checkpoint.is_dir():
+            check_checkpoint_dir(checkpoint)
+
+
 def meta_train_ray(cfg: StampConfig) -> Path:
-    """Train (or resume) on Ray Train + DeepSpeed workers; returns the run's generator store."""
+    """Train (or resume) on Ray Train + DeepSpeed workers; returns the run's generator store.
+    Raises ``Stopped`` when a stop request ended the run early (it checkpointed first)."""
     cfg = _absolute_paths(cfg)
     m, r = cfg.meta, cfg.runtime
     deepspeed_config(cfg, r.num_workers)  # unsupported settings fail here, not inside every worker
     read_json(Path(cfg.pretrain.out) / "backbone.json", "pretrained backbone record (run `stamp pretrain`)")
     out = Path(m.out)
+    check_checkpoints(out / "train")
     out.mkdir(parents=True, exist_ok=True)
     (out / STOP_FILE).unlink(missing_ok=True)
     # A stop request → ``STOP`` in the run directory, which the workers check after every step. From
     # here on, a stop request during Ray's start-up is kept, not fatal.
-    with stop_requests(lambda: (out / STOP_FILE).touch()):
-        _fit(cfg)
+    request = lambda: (out / STOP_FILE).touch()  # noqa: E731
+    with stop_requests(request) as stop:
+        _fit(cfg, lambda: install(stop, request))
+    (out / STOP_FILE).unlink(missing_ok=True)
     summary = read_json(out / "summary.json", "run summary")
     if summary["episodes_per_s"] is not None:
         print(f"meta-train: step {summary['step']} on {summary['world_size']} workers: "
               f"{summary['episodes_per_s']:.1f} episodes/s, data wait {summary['data_wait_fraction']:.1%} of step time")
     if summary["stopped"]:
-        (out / STOP_FILE).unlink(missing_ok=True)
-        print(f"meta-train: stopped at step {summary['step']} with a checkpoint; run the same command to resume")
+        raise Stopped(f"meta-train: stopped at step {summary['step']} of {m.steps} with a checkpoint; run the same "
+                      "command to resume")
     return GeneratorStore(out).root
 
 
-def _fit(cfg: StampConfig) -> None:
-    """Start or join Ray, create the sampler actors and the aggregator, run the TorchTrainer, clean up."""
+def _user_error(e: BaseException, seen: set[int] | None = None) -> StampError | None:
+    """The ``StampError`` a worker raised, from inside Ray Train's failure (which wraps it), if any."""
+    seen = set() if seen is None else seen
+    if e is None or id(e) in seen:
+        return None
+    seen.add(id(e))
+    if isinstance(e, StampError):
+        return e
+    inner = [*getattr(e, "worker_failures", {}).values(), getattr(e, "controller_failure", None),
+             getattr(e, "_base_exc", None), getattr(e, "cause", None), e.__cause__, e.__context__]
+    return next((found for x in inner if isinstance(x, BaseException) and (found := _user_error(x, seen))), None)
+
+
+def _run_in_thread(fit) -> None:
+    """``fit()`` in a helper thread while the main thread waits, so that our signal handlers stay in charge
+    (signals are handled in the main thread; Ray Train installs its SIGINT handler only there)."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            fit()
+        except BaseException as e:  # handed to the main thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def _fit(cfg: StampConfig, take_signals) -> None:
+    """Start or join Ray, create the sampler actors and the aggregator, run the TorchTrainer, clean up.
+    ``take_signals()`` re-installs the stop handlers once ``ray.init`` has replaced them."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .aggregator import Aggregator
+    from .rendezvous import LoopbackTorchConfig
     from .sampler import NAMESPACE, SamplerPool
     from .worker import train_loop
 
@@ -125,17 +191,19 @@ def _fit(cfg: StampConfig) -> None:
     train_classes, val_classes = split_classes(manifest.num_classes, m.val_classes, m.seed)
     families = task_families(m.task_families, manifest, train_classes, m.n_way_min)
     started = start_ray(r, local_cpus(r))
+    take_signals()
     _warn_if_short(r, min(r.sampler_actors, len(train_classes)))
     tag = f"{Path(m.out).name}-{uuid.uuid4().hex[:8]}"  # actor names unique per launch: a dead launch's may linger
     samplers = SamplerPool.start(cfg, train_classes, tag)
     # The aggregator's only state is on disk and a re-sent version overwrites atomically: safe to restart and retry.
     aggregator = ray.remote(Aggregator).options(name=f"{tag}-aggregator", namespace=NAMESPACE, num_cpus=0,
                                                 max_restarts=3, max_task_retries=-1).remote(to_dict(cfg))
+    torch_config = (LoopbackTorchConfig if is_local(r) else TorchConfig)(backend="nccl" if r.use_gpu else "gloo")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": to_dict(cfg), "samplers": samplers, "aggregator": aggregator,
                            "train_classes": train_classes, "families": families, "val_classes": val_classes},
-        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        torch_config=torch_config,
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_worker} | ({"GPU": 1} if r.use_gpu else {})),
         run_config=RunConfig(name="train", storage_path=m.out,
@@ -144,7 +212,12 @@ def _fit(cfg: StampConfig) -> None:
                              worker_runtime_env={"env_vars": worker_env(r)}),
     )
     try:
-        trainer.fit()
+        _run_in_thread(trainer.fit)
+    except Exception as e:
+        error = _user_error(e)
+        if error is None:
+            raise
+        raise StampError(str(error)) from None
     finally:
         samplers.shutdown()
         ray.kill(aggregator)

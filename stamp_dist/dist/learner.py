@@ -13,6 +13,11 @@ gradient, as in the single-process step. Masks are drawn with ``episode_rng(seed
 ``i`` is the episode's index in the GLOBAL meta-batch, so they match too. (One difference: with
 ``meta.learn_backbone`` the single-process trainer clips only the STAMP module's gradient norm, while
 DeepSpeed clips the norm over every meta-learned parameter, backbone included.)
+
+Checkpoints are not DeepSpeed's (``engine.save_checkpoint`` pickles its state, and loading a pickle
+can run code): ``save`` gathers every parameter's fp32 master and AdamW moments whole from the ZeRO
+partitions and rank 0 writes them as safetensors + JSON (``stamp_dist.checkpoint``); ``load`` sets
+each rank's partition from them. Such a checkpoint does not depend on the world size or ZeRO stage.
 """
 
 from __future__ import annotations
@@ -26,19 +31,23 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..atomic import read_json, write_json
+from ..checkpoint import FILES as CHECKPOINT_FILES
+from ..checkpoint import load_state, save_state
 from ..config import StampConfig
 from ..data.episodes import Episode
 from ..errors import StampError
 from ..meta.objective import check_finite, episode_loss, episode_rng, hard_masks
 from ..meta.trainer import MetaModel, summarize
 
-ENGINE_TAG = "engine"  # DeepSpeed checkpoint tag inside a Ray Train checkpoint directory
-STATE_FILE = "stamp_state.json"  # step and sampler RNG state, beside the engine's files
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state besides its step count
 
 
 def deepspeed_config(cfg: StampConfig, world_size: int) -> dict:
     m, r = cfg.meta, cfg.runtime
+    if r.precision == "bf16" and r.zero_stage == 0:
+        raise StampError("runtime.precision=bf16 needs runtime.zero_stage 1 or 2: DeepSpeed's bf16 optimizer for "
+                         "ZeRO 0 does not expose the fp32 master weights a checkpoint saves (ZeRO 1 costs nothing "
+                         "extra on one worker)")
     if r.zero_stage == 3:
         raise StampError("runtime.zero_stage=3 partitions the meta-model's parameters, which rank 0's meta-validation "
                          "and publishing read whole; the encoder + generator are small: use zero_stage 0, 1 or 2")
@@ -146,17 +155,94 @@ class Learner:
         dist.barrier()
         dist.destroy_process_group()
 
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """The torch AdamW itself: DeepSpeed's ZeRO optimizers wrap it as ``.optimizer``; ZeRO 0 uses it as is."""
+        opt = self.engine.optimizer
+        return opt if isinstance(opt, torch.optim.Optimizer) else opt.optimizer
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """Collective: every meta-learned parameter's fp32 value and AdamW moments, whole (gathered from the
+        ZeRO partitions), plus the module's buffers — the same tensors on every rank, whatever the world
+        size, ZeRO stage or precision, so a checkpoint is plain safetensors (no DeepSpeed pickle)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        opt, state = self._optimizer(), {}
+        for name, p in self.engine.module.named_parameters():
+            if hasattr(p, "_hp_mapping"):  # ZeRO 1/2 (and bf16): the fp32 master and moments are partitioned
+                state[f"fp32.{name}"] = safe_get_full_fp32_param(p)
+                for key in MOMENTS:
+                    state[f"{key}.{name}"] = safe_get_full_optimizer_state(p, key)
+            else:  # ZeRO 0, fp32: the module's parameters are the masters
+                state[f"fp32.{name}"] = p.detach().float()
+                for key in MOMENTS:
+                    state[f"{key}.{name}"] = opt.state[p][key] if p in opt.state else torch.zeros_like(p)
+        for name, b in self.engine.module.named_buffers():
+            state[f"buffer.{name}"] = b.detach()
+        return state
+
+    def adam_steps(self) -> int:
+        """AdamW's update count (its bias correction depends on it)."""
+        return max((int(s["step"]) for s in self._optimizer().state.values() if "step" in s), default=0)
+
+    def load_training_state(self, state: dict[str, torch.Tensor], adam_steps: int) -> None:
+        """Set weights, masters and moments from ``training_state``'s tensors (each rank keeps its own partition)."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        opt = self._optimizer()
+        zero = self.engine.optimizer
+        if hasattr(zero, "single_partition_of_fp32_groups"):
+            # A fresh ZeRO engine has no AdamW state before its first step, and its parameters' fragments
+            # of that state are linked lazily: create the state, then link (as DeepSpeed's step would).
+            for flat in zero.single_partition_of_fp32_groups:
+                if not opt.state[flat]:
+                    opt.state[flat].update(step=torch.tensor(0.0), **{k: torch.zeros_like(flat) for k in MOMENTS})
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+        with torch.no_grad():
+            for name, p in self.engine.module.named_parameters():
+                fp32 = state[f"fp32.{name}"].to(p.device)
+                p.copy_(fp32.to(p.dtype))
+                if hasattr(p, "_hp_mapping"):
+                    safe_set_full_fp32_param(p, fp32)
+                    for key in MOMENTS:
+                        safe_set_full_optimizer_state(p, state[f"{key}.{name}"].to(p.device), key)
+                else:
+                    opt.state[p] = {"step": torch.tensor(float(adam_steps)),
+                                    **{key: state[f"{key}.{name}"].to(p.device).clone() for key in MOMENTS}}
+            for name, b in self.engine.module.named_buffers():
+                b.copy_(state[f"buffer.{name}"])
+        for s in opt.state.values():  # ZeRO: one entry per flat partition
+            s["step"] = torch.full_like(s["step"], adam_steps) if torch.is_tensor(s["step"]) else adam_steps
+
     def save(self, directory: Path, extra: dict) -> None:
-        """Collective: every rank writes its engine/optimizer shard; rank 0 adds step and ``extra``."""
-        self.engine.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False)
+        """Collective: gather the training state; rank 0 writes it (safetensors + JSON, ``checkpoint.py``)
+        with the step and ``extra`` to ``directory``."""
+        tensors = self.training_state()
         if self.rank == 0:
-            write_json(directory / STATE_FILE, {"step": self.step, **extra})
+            save_state(directory, {"step": self.step, "adam_steps": self.adam_steps(), "params": tensors, **extra})
 
     def load(self, directory: Path) -> dict:
-        """Restore engine, optimizer and step; returns the ``extra`` saved with them."""
-        path, _ = self.engine.load_checkpoint(str(directory), tag=ENGINE_TAG)
-        if path is None:
-            raise StampError(f"{directory} holds no DeepSpeed checkpoint '{ENGINE_TAG}'; the run directory is damaged")
-        state = read_json(directory / STATE_FILE, "training state")
-        self.step = state.pop("step")
+        """Restore weights, optimizer and step from what ``save`` wrote; returns the ``extra`` saved with them.
+        Nothing but the checkpoint's safetensors and JSON is read (``check_checkpoint_dir``)."""
+        check_checkpoint_dir(directory)
+        state = load_state(directory)
+        fix = f"remove {directory.parent} to start the run over"
+        try:
+            self.load_training_state(state.pop("params"), state.pop("adam_steps"))
+            self.step = state.pop("step")
+        except (KeyError, AttributeError, RuntimeError) as e:
+            raise StampError(f"checkpoint {directory} does not fit this run's meta-model ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0]}); resume with the config it was started with, or {fix}") from None
         return state
+
+
+def check_checkpoint_dir(directory: Path) -> None:
+    """A training checkpoint holds ``checkpoint.FILES`` and nothing else. Anything more — DeepSpeed's
+    ``.pt`` pickles from an older stamp_dist, or a planted file — is refused unread: unpickling runs code."""
+    for path in sorted(Path(directory).rglob("*")):
+        if path.is_file() and path.relative_to(directory).as_posix() not in CHECKPOINT_FILES:
+            raise StampError(
+                f"{path} is not part of a stamp_dist training checkpoint (which holds only "
+                f"{' and '.join(CHECKPOINT_FILES)}); it was not loaded — a pickled file can run code. A checkpoint "
+                f"of an older version (DeepSpeed .pt files) cannot be resumed: remove {Path(directory).parent} to "
+                "start the run over")

@@ -54,11 +54,11 @@ class SamplerActor:
             raise StampError(f"sampler actor asked for class {label}, which it does not own")
         return self.pool.get(label, n)
 
-    def rng_state(self) -> dict:
-        return self.pool.rng_state()
+    def state(self) -> dict:
+        return self.pool.state()
 
-    def set_rng_state(self, state: dict) -> None:
-        self.pool.set_rng_state(state)
+    def set_state(self, state: dict) -> None:
+        self.pool.set_state(state)
 
 
 @dataclass
@@ -86,12 +86,12 @@ class SamplerPool:
         return self.actors[self.owner[label]].get.remote(label, n)
 
     def state(self) -> list[dict]:
-        """The actors' image-draw RNG states (saved in training checkpoints)."""
-        return ray.get([a.rng_state.remote() for a in self.actors])
+        """The actors' image-draw states (saved in training checkpoints)."""
+        return ray.get([a.state.remote() for a in self.actors])
 
     def restore(self, states: list[dict]) -> None:
         if len(states) == len(self.actors):  # a run resumed with another actor count starts fresh streams
-            ray.get([a.set_rng_state.remote(s) for a, s in zip(self.actors, states)])
+            ray.get([a.set_state.remote(s) for a, s in zip(self.actors, states)])
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -8,9 +8,10 @@ meta-validates, sends the generator to the aggregator, and logs to wandb, ``metr
 ``events.jsonl``. The loop ends with a barrier and ``destroy_process_group``.
 
 Run directory (``meta.out``) written here: ``metrics.jsonl`` (one line per step, as the single-process
-trainer writes), ``events.jsonl`` (start/finish of each worker group: shows resumes and restarts),
-``summary.json`` (the last finish: rank fingerprints, throughput, data-wait fraction), ``plots/``.
-A resumed run logs again the steps it repeats after its checkpoint.
+trainer writes: each step exactly once across kills and resumes, ``runlog.MetricsLog``), ``events.jsonl``
+(start/finish of each worker group: shows resumes and restarts), ``summary.json`` (the last finish:
+rank fingerprints, throughput, data-wait fraction), ``plots/``. A checkpoint holds safetensors + JSON
+only (``Learner.save``); rank 0 writes it and reports it to Ray Train.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from ..atomic import write_json
 from ..config import StampConfig, from_dict
 from ..meta.trainer import validation_episodes
+from ..runlog import MetricsLog
 from ..tracking import Tracker
 from .learner import Learner
 from .sampler import EpisodeStream, SamplerPool
@@ -48,9 +50,11 @@ class Chief:
         self.out = Path(cfg.meta.out)
         self.val_episodes = validation_episodes(cfg, val_classes)
         self.tracker = Tracker(cfg, self.out)
+        self.log = MetricsLog(self.out / "metrics.jsonl")
+        self.log.resume_from(learner.step)  # drop the steps after the checkpoint this group starts from
         self._publishing: tuple | None = None  # (ObjectRef, step, metrics) of the version being written
 
-    def after_step(self, step: int, metrics: dict, validate: bool) -> None:
+    def after_step(self, step: int, metrics: dict, validate: bool, checkpoint: bool) -> None:
         if validate:
             metrics = metrics | self.learner.validate(self.val_episodes)
             self.tracker.keep_ratio_plot([g.name for g in self.learner.model.groups],
@@ -60,7 +64,7 @@ class Chief:
             # Asynchronous: the aggregator writes while training goes on; collected at the next publish.
             self._publishing = (self.aggregator.publish.remote(step, self.learner.weights(), metrics), step, metrics)
         self.tracker.log(metrics, step)
-        _append(self.out / "metrics.jsonl", {"step": step, **metrics})
+        self.log.append(step, metrics, durable=checkpoint)  # before the checkpoint: runlog.py
 
     def _collect(self) -> None:
         """Wait for the version being written, then log it as an artifact."""
@@ -91,9 +95,12 @@ def _resume(learner: Learner, samplers: SamplerPool) -> bool:
 
 
 def _checkpoint(learner: Learner, samplers: SamplerPool, metrics: dict) -> None:
+    """Collective; rank 0 writes the checkpoint and reports it, the other ranks report the metrics only."""
     with tempfile.TemporaryDirectory() as tmp:
-        learner.save(Path(tmp), {"samplers": samplers.state()} if learner.rank == 0 else {})
-        ray.train.report({"step": learner.step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        directory = Path(tmp) / "checkpoint"
+        learner.save(directory, {"samplers": samplers.state()} if learner.rank == 0 else {})
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if learner.rank == 0 else None
+        ray.train.report({"step": learner.step, **metrics}, checkpoint=checkpoint)
 
 
 def train_loop(config: dict) -> None:
@@ -132,9 +139,11 @@ def train_loop(config: dict) -> None:
         metrics = learner.mean_over_ranks(metrics)
         stopped = learner.any_rank(learner.rank == 0 and (out / STOP_FILE).exists())
         last = learner.step == m.steps
+        checkpoint = last or stopped or learner.step % m.checkpoint_every == 0
         if chief:
-            chief.after_step(learner.step, metrics, validate=last or learner.step % m.val_every == 0)
-        if last or stopped or learner.step % m.checkpoint_every == 0:
+            chief.after_step(learner.step, metrics, validate=last or learner.step % m.val_every == 0,
+                             checkpoint=checkpoint)
+        if checkpoint:
             _checkpoint(learner, samplers, metrics)
 
     fingerprints = learner.fingerprints()

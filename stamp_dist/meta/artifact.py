@@ -15,16 +15,22 @@ directory or a run directory (then it picks ``best``).
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ..atomic import atomic_dir, read_json, restore_interrupted, write_json
 from ..config import MetaConfig
 from ..errors import StampError
+from ..integrity import HASH_KEY, load_tensors, save_tensors
+from ..ranges import check_numbers
+from ..records import check_record
 from ..models.backbones import Backbone
 from ..pruning.groups import ChannelGroups, discover_groups
 from ..pruning.macs import CostModel
@@ -32,6 +38,8 @@ from .objective import Stamp
 from .set_inputs import LEGACY_STATS
 
 FORMAT = "stamp_dist/generator/v1"
+WEIGHTS = "generator.safetensors"
+VERSION = re.compile(r"v\d{6}")  # a version directory's name (GeneratorStore.publish)
 
 
 def backbone_fingerprint(backbone: Backbone) -> str:
@@ -61,8 +69,7 @@ def save_generator(directory: str | Path, stamp: Stamp, backbone: Backbone, back
         "metrics": metrics,
     }
     with atomic_dir(directory, overwrite=True) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in stamp.state_dict().items()},
-                  str(tmp / "generator.safetensors"))
+        info[HASH_KEY] = save_tensors(stamp.state_dict(), tmp / WEIGHTS, f"the generator of step {step}")
         save_backbone(tmp, backbone, backbone_meta)
         write_json(tmp / "generator.json", info)
 
@@ -78,6 +85,7 @@ class Generator:
     cost: CostModel
     info: dict
     path: Path
+    meta: MetaConfig  # the meta config it was trained with (validated)
 
 
 def resolve(path: str | Path) -> Path:
@@ -89,7 +97,7 @@ def resolve(path: str | Path) -> Path:
     for pointer in ("best.json", "latest.json"):
         for root in (path, path / "generators"):
             if (root / pointer).is_file():
-                version = root / read_json(root / pointer, "generator pointer")["version"]
+                version = root / _version(read_json(root / pointer, "generator pointer"), root / pointer)
                 restore_interrupted(version)
                 return version
     raise StampError(
@@ -98,28 +106,64 @@ def resolve(path: str | Path) -> Path:
     )
 
 
+def _version(pointer: Any, path: Path) -> str:
+    """The version directory a ``latest``/``best`` pointer names (``v`` + 6 digits, never a path elsewhere)."""
+    fix = "delete it (the next publish rewrites it) or pass a version directory"
+    check_record(pointer, {"version": str, "step": int, "score": (int, float)}, path, fix)
+    if not VERSION.fullmatch(pointer["version"]):
+        raise StampError(f"generator pointer {path} names version {pointer['version']!r}, not a name like v000100; "
+                         f"{fix}")
+    return pointer["version"]
+
+
+def _meta_config(meta: Any, path: Path, fix: str) -> MetaConfig:
+    """The generator's meta config from its record (only the keys that shape the STAMP module matter here)."""
+    if not isinstance(meta, dict):
+        raise StampError(f"{path}: 'meta' is not a mapping; {fix}")
+    # Generators saved before ``meta.channel_stats`` / ``meta.stats`` / ``meta.allocation`` existed were built
+    # without statistics / with the first two / with the learned allocation.
+    legacy = {"channel_stats": False, "stats": list(LEGACY_STATS), "allocation": "learned"}
+    meta = {**legacy, **{k: v for k, v in meta.items() if k in MetaConfig.__dataclass_fields__}}
+    try:
+        cfg = OmegaConf.structured(MetaConfig(**meta))
+        check_numbers(OmegaConf.create({"meta": cfg}))
+    except (OmegaConfBaseException, TypeError, StampError) as e:
+        raise StampError(f"{path}: its meta config is invalid ({str(e).splitlines()[0]}); {fix}") from None
+    if cfg.encoder_dim % cfg.encoder_heads:
+        raise StampError(f"{path}: meta.encoder_dim is not a multiple of meta.encoder_heads; {fix}")
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
     from ..pretrain import load_backbone
 
     path = resolve(path)
-    info = read_json(path / "generator.json", "generator artifact")
-    if info.get("format") != FORMAT:
-        raise StampError(f"{path}/generator.json has format {info.get('format')!r}, expected {FORMAT!r}")
-    backbone, backbone_meta = load_backbone(path)
+    record = path / "generator.json"
+    fix = (f"the generator artifact {path} is damaged: copy it again, or publish a new one with `stamp meta-train` "
+           "(a run directory picks its best version)")
+    info = read_json(record, "generator artifact")
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        found = info.get("format") if isinstance(info, dict) else None
+        raise StampError(f"{record} has format {found!r}, expected {FORMAT!r}")
+    check_record(info, {"backbone": dict, "groups": list, "meta": dict, "step": int}, record, fix)
+    check_record(info["backbone"], {"fingerprint": str, "image_size": int}, record, fix)
+    backbone, backbone_meta = load_backbone(path, fix)
     if backbone_fingerprint(backbone) != info["backbone"]["fingerprint"]:
-        raise StampError(f"{path}: backbone weights do not match the generator's fingerprint; the artifact is corrupt")
+        raise StampError(f"{path}: backbone weights do not match the generator's fingerprint; {fix}")
     backbone = backbone.to(device).eval().requires_grad_(False)
     size = info["backbone"]["image_size"]
     groups = discover_groups(backbone, torch.zeros(1, 3, size, size, device=device))
     if group_layout(groups) != info["groups"]:
-        raise StampError(f"{path}: the backbone's channel groups differ from the generator's group layout")
-    # Generators saved before ``meta.channel_stats`` / ``meta.stats`` existed were built without statistics /
-    # with the first two.
-    legacy = {"channel_stats": False, "stats": list(LEGACY_STATS), "allocation": "learned"}
-    stamp = Stamp(backbone.feature_dim, groups.sizes, MetaConfig(**{**legacy, **info["meta"]}))
-    stamp.load_state_dict(load_file(str(path / "generator.safetensors"), device=str(device)))
+        raise StampError(f"{path}: the backbone's channel groups differ from the generator's group layout; {fix}")
+    meta = _meta_config(info["meta"], record, fix)
+    stamp = Stamp(backbone.feature_dim, groups.sizes, meta)
+    weights = load_tensors(path / WEIGHTS, "generator weights", info.get(HASH_KEY), fix, device)
+    try:
+        stamp.load_state_dict(weights)
+    except RuntimeError as e:
+        raise StampError(f"{path / WEIGHTS} does not match {record} ({str(e).splitlines()[0]}); {fix}") from None
     cost = CostModel(backbone, groups, (3, size, size))
-    return Generator(stamp.to(device).eval(), backbone, backbone_meta, groups, cost, info, path)
+    return Generator(stamp.to(device).eval(), backbone, backbone_meta, groups, cost, info, path, meta)
 
 
 class GeneratorStore:
@@ -131,7 +175,11 @@ class GeneratorStore:
 
     def pointer(self, name: str) -> dict | None:
         path = self.root / f"{name}.json"
-        return read_json(path, "generator pointer") if path.is_file() else None
+        if not path.is_file():
+            return None
+        pointer = read_json(path, "generator pointer")
+        _version(pointer, path)
+        return pointer
 
     def publish(self, step: int, score: float, save) -> Path:
         """``save(directory)`` writes one artifact; then pointers move and old versions are pruned."""

@@ -7,7 +7,6 @@ generator version; every ``checkpoint_every`` steps: save resumable state.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,12 @@ from ..config import MetaConfig, StampConfig, to_dict
 from ..data.episodes import ClassPool, Episode, EpisodeSampler, split_classes, task_families
 from ..data.manifest import Manifest
 from ..data.readers import Normalization
-from ..errors import StampError
+from ..errors import StampError, Stopped
 from ..models.backbones import Backbone
 from ..progress import progress
 from ..pruning.groups import ChannelGroups, discover_groups
 from ..pruning.macs import CostModel
+from ..runlog import MetricsLog, run_lock
 from ..signals import StopRequest, stop_requests
 from ..training import pick_device
 from .artifact import GeneratorStore, save_generator
@@ -109,7 +109,8 @@ class MetaTrainer:
 
         manifest = Manifest.load(cfg.data.reference)
         train_classes, self.val_classes = split_classes(manifest.num_classes, m.val_classes, m.seed)
-        pool = ClassPool(cfg.data.reference, "train", seed=m.seed, manifest=manifest)
+        pool = ClassPool(cfg.data.reference, "train", cfg.runtime.sampler_buffer, cfg.runtime.sampler_reuse, m.seed,
+                         manifest)
         families = task_families(m.task_families, manifest, train_classes, m.n_way_min)
         self.sampler = EpisodeSampler(pool, train_classes, m, m.seed, families)
         self.store = GeneratorStore(self.out, keep=m.keep_last)
@@ -152,7 +153,7 @@ class MetaTrainer:
         return {"step": self.step, "stamp": self.stamp.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "backbone": self.backbone.state_dict() if self.cfg.meta.learn_backbone else {},
                 "torch_rng": torch.get_rng_state(),
-                "sampler_rng": self.sampler.rng.bit_generator.state, "pool_rng": self.sampler.pool.rng_state()}
+                "sampler_rng": self.sampler.rng.bit_generator.state, "pool": self.sampler.pool.state()}
 
     def load(self, state: dict) -> None:
         self.step = state["step"]
@@ -167,7 +168,8 @@ class MetaTrainer:
             self.backbone.load_state_dict(state["backbone"])
         torch.set_rng_state(state["torch_rng"])
         self.sampler.rng.bit_generator.state = state["sampler_rng"]
-        self.sampler.pool.set_rng_state(state["pool_rng"])
+        # Checkpoints written before the pool state existed hold its draw RNG only (buffers start afresh).
+        self.sampler.pool.set_state(state.get("pool") or {"rng": state["pool_rng"], "fills": []})
 
     def publish(self, metrics: dict) -> Path:
         return self.model.publish(self.store, self.step, self.cfg.meta, metrics)
@@ -175,22 +177,25 @@ class MetaTrainer:
     # --- the loop ---------------------------------------------------------------------------
 
     def run(self) -> Path:
+        """Train (or resume) to ``meta.steps``; raises ``Stopped`` after checkpointing on a stop request."""
         m = self.cfg.meta
         state = load_state(self.out / "checkpoint", self.device)
         if state is not None:
             self.load(state)
             print(f"meta-train: resuming {self.out} from step {self.step}")
         self.out.mkdir(parents=True, exist_ok=True)
-        log = self.out / "metrics.jsonl"
+        log = MetricsLog(self.out / "metrics.jsonl")
+        log.resume_from(self.step)
         bar = progress(total=m.steps, initial=self.step, desc="meta-train", unit="step")
         with stop_requests() as stop:
             self._loop(bar, log, stop)
         bar.close()
         if self.step < m.steps:
-            print(f"meta-train: stopped at step {self.step} with a checkpoint; run the same command to resume")
+            raise Stopped(f"meta-train: stopped at step {self.step} of {m.steps} with a checkpoint; run the same "
+                          "command to resume")
         return self.store.root
 
-    def _loop(self, bar, log: Path, stop: StopRequest) -> None:
+    def _loop(self, bar, log: MetricsLog, stop: StopRequest) -> None:
         m = self.cfg.meta
         t0, wait = time.perf_counter(), 0.0
         while self.step < m.steps:
@@ -207,11 +212,11 @@ class MetaTrainer:
                 self.publish(metrics)
                 bar.write(f"step {self.step}: val_acc {metrics['val_acc']:.3f} "
                           f"(hard masks, max |ratio-b| {metrics['val_ratio_error']:.3f})")
-            if self.step % m.checkpoint_every == 0 or self.step == m.steps or stop.is_set():
-                save_state(self.out / "checkpoint", self.state())
+            checkpoint = self.step % m.checkpoint_every == 0 or self.step == m.steps or stop.is_set()
             metrics["seconds"] = time.perf_counter() - t  # the step's wall time (bench reports the sum)
-            with open(log, "a") as f:
-                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+            log.append(self.step, metrics, durable=checkpoint)  # before the checkpoint: runlog.py
+            if checkpoint:
+                save_state(self.out / "checkpoint", self.state())
             if stop.is_set():
                 return
 
@@ -221,8 +226,9 @@ def meta_train(cfg: StampConfig) -> Path:
 
     ``runtime.backend=ray`` runs the same objective on Ray Train + DeepSpeed workers (``stamp_dist.dist``).
     """
-    if cfg.runtime.backend == "ray":
-        from ..dist.launch import meta_train_ray
+    with run_lock(cfg.meta.out, "meta.out"):
+        if cfg.runtime.backend == "ray":
+            from ..dist.launch import meta_train_ray
 
-        return meta_train_ray(cfg)
-    return MetaTrainer(cfg).run()
+            return meta_train_ray(cfg)
+        return MetaTrainer(cfg).run()

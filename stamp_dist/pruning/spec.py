@@ -15,11 +15,12 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_dir, atomic_file, read_json, write_json
 from ..errors import StampError
+from ..integrity import load_tensors, save_tensors
 from ..models.backbones import build_backbone
+from ..records import MAX_IMAGE_SIZE, check_record, is_int, stats_problem
 from .groups import ChannelGroups, discover_groups
 from .surgery import keep_indices, prune_model
 
@@ -47,6 +48,7 @@ class PruningSpec:
     mean: list[float] | None = None  # input normalisation, so the shipped model is usable as is
     std: list[float] | None = None
     report: dict[str, Any] = dataclasses.field(default_factory=dict)  # how it was made (method, timings …)
+    weights_sha256: str | None = None  # of model.safetensors, set by save_pruned (None: written before hashes)
 
     @classmethod
     def from_masks(cls, backbone_meta: dict[str, Any], groups: ChannelGroups, masks: Sequence[torch.Tensor],
@@ -66,30 +68,51 @@ class PruningSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PruningSpec":
-        try:
-            groups = [GroupSpec(**g) for g in d["groups"]]
-            return cls(**{**d, "groups": groups})
-        except (KeyError, TypeError) as e:
-            raise StampError(f"invalid pruning spec ({e}); regenerate it with `stamp prune`") from None
+    def from_dict(cls, d: Any, path: str | os.PathLike = SPEC_FILE) -> "PruningSpec":
+        """A spec read from ``path``, every field checked before anything is built from it."""
+        path = Path(path)
+        fix = "regenerate it with `stamp prune`"
+        check_record(d, {"backbone": str, "width": int, "num_classes": int, "input_size": list, "groups": list,
+                         "dense_macs": (int, float), "pruned_macs": (int, float), "dense_params": int,
+                         "pruned_params": int, "report": dict}, path, fix)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise StampError(f"{path} has unknown fields {unknown}; {fix}")
+        size = d["input_size"]
+        if not (len(size) == 3 and all(is_int(x) for x in size) and size[0] == 3 and size[1] == size[2]
+                and 1 <= size[1] <= MAX_IMAGE_SIZE):
+            raise StampError(f"{path}: 'input_size' is {size}; expected [3, S, S] with S in [1, {MAX_IMAGE_SIZE}]; {fix}")
+        if (d.get("mean") is None) != (d.get("std") is None) or (d.get("mean") is not None and stats_problem(d)):
+            raise StampError(f"{path}: 'mean' and 'std' must both be 3 finite numbers (std > 0) or both absent; {fix}")
+        groups = []
+        for g in d["groups"]:
+            check_record(g, {"name": str, "channels": int, "kept": list}, path, fix)
+            kept = g["kept"]
+            if not (kept and all(is_int(i) for i in kept) and kept == sorted(set(kept))
+                    and 0 <= kept[0] and kept[-1] < g["channels"]):
+                raise StampError(f"{path}: group {g['name']} keeps {kept[:8]}{'…' if len(kept) > 8 else ''}: kept "
+                                 f"channels must be distinct integers in ascending order, within 0..{g['channels'] - 1} "
+                                 f"(at least one); {fix}")
+            groups.append(GroupSpec(**g))
+        return cls(**{**d, "groups": groups})
 
 
 def save_pruned(out_dir: str | os.PathLike, model: nn.Module, spec: PruningSpec, overwrite: bool = False) -> Path:
-    """Write ``out_dir/{model.safetensors, spec.json}``; the directory appears only when complete."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    """Write ``out_dir/{model.safetensors, spec.json}`` (the spec records the weights' sha256); the
+    directory appears only when complete. Non-finite weights are refused."""
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         with atomic_file(tmp / MODEL_FILE) as f:
-            save_file(state, str(f))
+            spec.weights_sha256 = save_tensors(model.state_dict(), f, "the pruned model")
         write_json(tmp / SPEC_FILE, spec.to_dict())
     return Path(out_dir)
 
 
 def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, PruningSpec]:
-    """Rebuild a pruned model saved by ``save_pruned`` (architecture from the spec, weights strict)."""
+    """Rebuild a pruned model saved by ``save_pruned`` (architecture from the spec, weights hash-checked, strict)."""
     path = Path(path)
-    spec = PruningSpec.from_dict(read_json(path / SPEC_FILE, "pruning spec"))
-    if not (path / MODEL_FILE).is_file():
-        raise StampError(f"pruned model weights not found: {path / MODEL_FILE}")
+    spec = PruningSpec.from_dict(read_json(path / SPEC_FILE, "pruning spec"), path / SPEC_FILE)
+    fix = f"the pruned model {path} is damaged: copy it again or re-create it with `stamp prune`"
+    weights = load_tensors(path / MODEL_FILE, "pruned model weights", spec.weights_sha256, fix)
     try:
         dense = build_backbone(spec.backbone, spec.num_classes, spec.width)
     except ValueError as e:
@@ -100,14 +123,12 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
                          f"(width {spec.width}); it was written for another architecture or version")
     keep = []
     for g in spec.groups:
-        if not g.kept or min(g.kept) < 0 or max(g.kept) >= g.channels:
-            raise StampError(f"{path / SPEC_FILE}: group {g.name} has invalid kept indices")
         mask = torch.zeros(g.channels, dtype=torch.bool)
         mask[g.kept] = True
         keep.append(mask)
     model = prune_model(dense, groups, keep)
     try:
-        model.load_state_dict(load_file(str(path / MODEL_FILE)), strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise StampError(f"{path / MODEL_FILE} does not match {path / SPEC_FILE}: {e}") from None
     return model.to(device), spec
