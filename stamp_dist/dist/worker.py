@@ -27,7 +27,8 @@ import torch
 
 from ..atomic import write_json
 from ..config import StampConfig, from_dict
-from ..meta.trainer import validation_episodes
+from ..meta.trainer import step_postfix, validation_episodes, validation_line
+from ..progress import progress
 from ..tracking import Tracker
 from .learner import Learner
 from .sampler import EpisodeStream, SamplerPool
@@ -49,6 +50,8 @@ class Chief:
         self.val_episodes = validation_episodes(cfg, val_classes)
         self.tracker = Tracker(cfg, self.out)
         self._publishing: tuple | None = None  # (ObjectRef, step, metrics) of the version being written
+        # A worker's output reaches the driver's log through Ray, never a terminal: periodic lines.
+        self.bar = progress(total=cfg.meta.steps, initial=learner.step, desc="meta-train", unit="step")
 
     def after_step(self, step: int, metrics: dict, validate: bool) -> None:
         if validate:
@@ -61,6 +64,10 @@ class Chief:
             self._publishing = (self.aggregator.publish.remote(step, self.learner.weights(), metrics), step, metrics)
         self.tracker.log(metrics, step)
         _append(self.out / "metrics.jsonl", {"step": step, **metrics})
+        self.bar.update(1)
+        self.bar.set_postfix(step_postfix(metrics), refresh=False)
+        if validate:
+            self.bar.write(validation_line(step, metrics))
 
     def _collect(self) -> None:
         """Wait for the version being written, then log it as an artifact."""
@@ -73,6 +80,7 @@ class Chief:
         _append(self.out / "events.jsonl", {"event": kind, "time": time.time(), **fields})
 
     def close(self, summary: dict) -> None:
+        self.bar.close()
         self._collect()
         write_json(self.out / "summary.json", summary)
         self.event("finish", **{k: summary[k] for k in ("step", "stopped")})

@@ -200,14 +200,12 @@ class MetaTrainer:
             wait += time.perf_counter() - t
             metrics = self.meta_step(episodes)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['query_acc']:.2f}",
-                            ratio=f"{metrics['expected_ratio']:.2f}/{metrics['budget']:.2f}", refresh=False)
+            bar.set_postfix(step_postfix(metrics), refresh=False)
             if self.step % m.val_every == 0 or self.step == m.steps:
                 metrics |= self.validate()
                 metrics["data_wait_fraction"] = wait / (time.perf_counter() - t0)
                 self.publish(metrics)
-                bar.write(f"step {self.step}: val_acc {metrics['val_acc']:.3f} "
-                          f"(hard masks, max |ratio-b| {metrics['val_ratio_error']:.3f})")
+                bar.write(validation_line(self.step, metrics))
             if self.step % m.checkpoint_every == 0 or self.step == m.steps or stop.is_set():
                 save_state(self.out / "checkpoint", self.state())
             metrics["seconds"] = time.perf_counter() - t  # the step's wall time (bench reports the sum)
@@ -215,6 +213,17 @@ class MetaTrainer:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
             if stop.is_set():
                 return
+
+
+def step_postfix(metrics: dict) -> dict[str, str]:
+    """What the progress bar shows of a meta-step (both backends)."""
+    return {"loss": f"{metrics['loss']:.3f}", "acc": f"{metrics['query_acc']:.2f}",
+            "ratio": f"{metrics['expected_ratio']:.2f}/{metrics['budget']:.2f}"}
+
+
+def validation_line(step: int, metrics: dict) -> str:
+    return (f"step {step}: val_acc {metrics['val_acc']:.3f} "
+            f"(hard masks, max |ratio-b| {metrics['val_ratio_error']:.3f})")
 
 
 def meta_train(cfg: StampConfig) -> Path:
