@@ -3,32 +3,38 @@
 In a terminal the bar refreshes in place. When stderr is not a terminal (CI, SLURM, ``> log``) a bar
 would write a carriage-return redraw per refresh, which a log shows as hundreds of ``0%|`` lines;
 ``LogProgress`` writes one line with count, rate and ETA every ``interval`` seconds instead, and
-nothing at all for work that ends sooner (the caller's own result lines say enough for it).
+nothing at all for work that ends sooner (the caller's own result lines say enough for it). A
+heartbeat thread keeps the lines coming while no update arrives (a held-out evaluation between
+epochs, one slow step on a starved machine), so a log never goes quiet for much longer than that.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import TextIO
 
 from tqdm import tqdm
 
 LOG_INTERVAL_S = 30.0  # a log line at least this often on long stages, no more often
+HEARTBEAT_S = 5.0  # how often the heartbeat checks whether a line is due (so gaps stay under ~35 s)
 
 
 class LogProgress:
     """The part of tqdm's interface this package uses, for a stream that is not a terminal.
 
-    A line ``desc: n/total unit (p%), rate, elapsed, ETA, postfix`` is written at the first update
-    ``interval`` seconds after the previous line (or the start), and a last one at ``close`` if any
-    was written. ``clock`` is the time source (seconds; tests pass a fake one).
+    A line ``desc: n/total unit (p%), rate, elapsed, ETA, postfix`` is due ``interval`` seconds after
+    the previous line (or the start); it is written at the next update or heartbeat (every
+    ``heartbeat`` seconds of real time, when given), and a last one at ``close`` if any was written.
+    ``clock`` is the time source of the interval (seconds; tests pass a fake one).
     """
 
     clock = staticmethod(time.monotonic)
 
     def __init__(self, total: float | None = None, initial: float = 0, desc: str = "", unit: str = "it",
-                 unit_scale: bool = False, file: TextIO | None = None, interval: float = LOG_INTERVAL_S):
+                 unit_scale: bool = False, file: TextIO | None = None, interval: float = LOG_INTERVAL_S,
+                 heartbeat: float | None = None):
         self.total, self.n, self.desc, self.unit, self.unit_scale = total, initial, desc, unit, unit_scale
         self.file = sys.stderr if file is None else file
         self.interval = interval
@@ -37,6 +43,11 @@ class LogProgress:
         self.lines = 0
         self.postfix = ""
         self.closed = False
+        self._lock = threading.Lock()  # the heartbeat thread and the caller both write lines
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(heartbeat,), daemon=True, name=f"progress: {desc}")
+        if heartbeat:
+            self._thread.start()
 
     def __enter__(self) -> "LogProgress":
         return self
@@ -46,9 +57,18 @@ class LogProgress:
 
     def update(self, n: float = 1) -> None:
         self.n += n
-        now = self.clock()
-        if now - self.last >= self.interval:
-            self._line(now)
+        self.tick()
+
+    def tick(self) -> None:
+        """Write a line if one is due."""
+        with self._lock:
+            now = self.clock()
+            if not self.closed and now - self.last >= self.interval:
+                self._line(now)
+
+    def _beat(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.tick()
 
     def set_postfix(self, ordered_dict: dict | None = None, refresh: bool = True, **kwargs) -> None:
         items = {**(ordered_dict or {}), **kwargs}
@@ -56,12 +76,15 @@ class LogProgress:
                                  for k, v in items.items())
 
     def write(self, message: str) -> None:
-        self._emit(message)
+        with self._lock:
+            self._emit(message)
 
     def close(self) -> None:
-        if not self.closed and self.lines:
-            self._line(self.clock(), final=True)
-        self.closed = True
+        self._stop.set()
+        with self._lock:
+            if not self.closed and self.lines:
+                self._line(self.clock(), final=True)
+            self.closed = True
 
     def _count(self, n: float) -> str:
         return tqdm.format_sizeof(n, divisor=1000) if self.unit_scale else f"{n:g}"
@@ -94,4 +117,4 @@ def progress(total: float | None = None, initial: float = 0, desc: str = "", uni
     if sys.stderr.isatty():
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit_scale, file=sys.stderr,
                     dynamic_ncols=True, mininterval=0.2)
-    return LogProgress(total, initial, desc, unit, unit_scale)
+    return LogProgress(total, initial, desc, unit, unit_scale, heartbeat=HEARTBEAT_S)

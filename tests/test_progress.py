@@ -3,6 +3,7 @@
 import io
 import itertools
 import re
+import time
 
 import numpy as np
 from tqdm import tqdm
@@ -92,3 +93,22 @@ def test_the_module_keeps_one_interval(monkeypatch):
     assert out.getvalue() == ""
     bar.update()
     assert out.getvalue().startswith("x: 2/5 it (40%)")
+
+
+def test_the_heartbeat_writes_due_lines_while_no_update_comes_and_stops_at_close(monkeypatch):
+    """A held-out evaluation between epochs makes no update: the heartbeat thread still writes the line
+    that is due (the fake clock is 31 s on at every reading; the heartbeat wakes every 10 ms)."""
+    fake_clock(monkeypatch, 31.0)
+    out = io.StringIO()
+    bar = LogProgress(total=5, desc="pretrain", unit="img", file=out, heartbeat=0.01)
+    deadline = time.monotonic() + 10
+    while out.getvalue().count("\n") < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert out.getvalue().startswith("pretrain: 0/5 img (0%), 0 img/s, elapsed 00:31, ETA ?\n")
+    bar.close()
+    closed = out.getvalue()
+    assert closed.splitlines()[-1].startswith("pretrain: done, 0/5 img")
+    bar._thread.join(timeout=5)
+    assert not bar._thread.is_alive()  # the heartbeat ends with the bar
+    bar.update()  # (tqdm takes updates after close too)
+    assert out.getvalue() == closed  # nothing after close

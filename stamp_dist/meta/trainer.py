@@ -183,10 +183,9 @@ class MetaTrainer:
             print(f"meta-train: resuming {self.out} from step {self.step}")
         self.out.mkdir(parents=True, exist_ok=True)
         log = self.out / "metrics.jsonl"
-        bar = progress(total=m.steps, initial=self.step, desc="meta-train", unit="step")
-        with stop_requests() as stop:
+        with progress(total=m.steps, initial=self.step, desc="meta-train", unit="step") as bar, \
+                stop_requests() as stop:
             self._loop(bar, log, stop)
-        bar.close()
         if self.step < m.steps:
             print(f"meta-train: stopped at step {self.step} with a checkpoint; run the same command to resume")
         return self.store.root
