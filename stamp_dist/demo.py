@@ -42,8 +42,8 @@ def run_demo(cfg: StampConfig) -> str:
     with atomic_file(out / "summary.md") as tmp:
         tmp.write_text("\n".join([table, "", "Verdict:", "", *[f"- {line}" for line in lines], "",
                                   *[f"![{p.stem}]({p.name})" for p in plots]]) + "\n")
-    write_json(out / "summary.json", {"config": to_dict(cfg), "results": run.cells, "verdict": lines,
-                                      "plots": [p.name for p in plots]})
+    write_json(out / "summary.json", {"config": to_dict(cfg), "results": run.cells, "groups": run.groups,
+                                      "verdict": lines, "plots": [p.name for p in plots]})
     print("\n".join(["", table, "", "verdict:", *[f"  {line}" for line in lines], "", "plots:",
                      *[f"  {p}" for p in plots], "",
                      f"wall time {time.perf_counter() - t0:.0f} s; results in {out}/summary.md"]))

@@ -416,7 +416,7 @@ def _keep_ratio_figure(rows: list[dict], groups: list[dict], panels: list[tuple[
         return False
     plt = _pyplot()
     sizes = np.array([g["channels"] for g in groups], dtype=float)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.5 * len(groups)), 3.2 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.6 * len(groups)), 4.2 * len(panels)), squeeze=False)
     for ax, (target, budget) in zip(axes[:, 0], panels):
         by_method: dict[str, list[dict]] = defaultdict(list)
         for r in rows:
@@ -432,7 +432,7 @@ def _keep_ratio_figure(rows: list[dict], groups: list[dict], panels: list[tuple[
             label = f"{method} (top-1 {100 * np.mean([r['top1_mean'] for r in by_method[method]]):.1f} %)"
             ax.bar(x + (i - (len(methods) - 1) / 2) * width, ratio, width=width, label=label,
                    color="black" if method == "stamp" else None)
-        ax.set_xticks(x, [g["name"] for g in groups], rotation=70, fontsize=7)
+        ax.set_xticks(x, [g["name"] for g in groups], rotation=40, ha="right", rotation_mode="anchor", fontsize=8)
         ax.set_xlabel("channel group")
         ax.set_ylabel("kept / channels")
         ax.set_ylim(0, 1.05)
