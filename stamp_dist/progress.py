@@ -108,7 +108,10 @@ class LogProgress:
 
     def _emit(self, text: str) -> None:
         sys.stdout.flush()  # keep the order of the two streams when both go to one log file
-        print(text, file=self.file, flush=True)
+        # A write, not print(): Ray Train patches print() in its workers and, once wandb wraps the
+        # stream, prints every line twice (to the stream and through its logger).
+        self.file.write(text + "\n")
+        self.file.flush()
 
 
 def progress(total: float | None = None, initial: float = 0, desc: str = "", unit: str = "it",
