@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                           **_examples(CONVERT_EXAMPLE, f"stamp data info {DIGITS}"))
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     p = command("convert", _cmd_data_convert, "convert a dataset to per-class WebDataset shards",
-                (CONVERT_EXAMPLE + "    # path/to/images/<class>/*.jpg",
+                (CONVERT_EXAMPLE + "    # path/to/images/{train,test}/<class>/*.jpg",
                  "stamp data convert --from cifar10 path/to/cifar-10-batches-py runs/cifar10"), dsub, config=False)
     p.add_argument("--from", dest="source", required=True, choices=CONVERT_SOURCES, help="source format")
     p.add_argument("src", help="source path (folder or file, depending on --from)")
