@@ -113,56 +113,92 @@ def _cmd_slurm_submit(args: argparse.Namespace) -> None:
         raise SystemExit(status)  # the job's exit code (with --wait), or sbatch's
 
 
+def _examples(*lines: str) -> dict:
+    """Parser settings for a help text that ends with runnable examples (paths as `stamp demo` leaves them)."""
+    return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines),
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+DIGITS = "runs/demo/data/targets/digits"
+CONVERT_EXAMPLE = "stamp data convert --from imagefolder path/to/images runs/mydata --image-size 32"
+PRUNE_EXAMPLE = (f"stamp prune -c configs/demo.yaml --generator runs/demo/meta --data {DIGITS} --budget 0.25 "
+                 "--out runs/digits-b0.25")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="stamp", description="Set-based Task-Adaptive Meta-Pruning: meta-train a mask generator, prune for a new dataset."
-    )
+        prog="stamp", description="Set-based Task-Adaptive Meta-Pruning: meta-train a mask generator, prune for a new "
+        "dataset.", **_examples("stamp demo -c configs/demo.yaml    # the whole pipeline on built-in data",
+                                PRUNE_EXAMPLE))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler: Callable, help: str, parent=sub, config: bool = True) -> argparse.ArgumentParser:
-        p = parent.add_parser(name, help=help, description=help)
+    def command(name: str, handler: Callable, help: str, examples: tuple[str, ...], parent=sub,
+                config: bool = True) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, description=help, **_examples(*examples))
         p.set_defaults(handler=handler)
         if config:
             _add_config_args(p)
         return p
 
-    command("demo", _cmd_demo, "run the built-in demo end to end (data → pretrain → …), caching finished stages")
+    command("demo", _cmd_demo, "run the built-in demo end to end (data → pretrain → …), caching finished stages",
+            ("stamp demo -c configs/demo.yaml",
+             "stamp demo -c configs/demo.yaml 'bench.budgets=[0.1]' bench.out=runs/demo/results-b0.1"
+             "    # reuses data, backbone, generator"))
     command("bench", _cmd_bench, "compare every pruning method per target, budget and data regime; write "
-            "report.md, report.json and plots to bench.out (finished cells are cached)")
+            "report.md, report.json and plots to bench.out (finished cells are cached)",
+            ("stamp bench -c configs/bench.yaml    # after `stamp demo` (its data, backbone and generator)",
+             "stamp bench -c configs/bench.yaml 'bench.methods=[dense,l1,stamp]' 'bench.budgets=[0.25]'"))
 
-    data = sub.add_parser("data", help="make, convert and inspect per-class shard datasets")
+    data = sub.add_parser("data", help="make, convert and inspect per-class shard datasets",
+                          description="make, convert and inspect per-class shard datasets",
+                          **_examples(CONVERT_EXAMPLE, f"stamp data info {DIGITS}"))
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    p = command("convert", _cmd_data_convert, "convert a dataset to per-class WebDataset shards", dsub, config=False)
+    p = command("convert", _cmd_data_convert, "convert a dataset to per-class WebDataset shards",
+                (CONVERT_EXAMPLE + "    # path/to/images/{train,test}/<class>/*.jpg",
+                 "stamp data convert --from cifar10 path/to/cifar-10-batches-py runs/cifar10"), dsub, config=False)
     p.add_argument("--from", dest="source", required=True, choices=CONVERT_SOURCES, help="source format")
     p.add_argument("src", help="source path (folder or file, depending on --from)")
     p.add_argument("out", help="output dataset directory (must not exist)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to N×N (default: keep the source size)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per tar shard (default 1000)")
     p = command("demo", _cmd_data_demo, "write the built-in demo datasets (synthetic reference + digits targets)",
-                dsub, config=False)
+                ("stamp data demo runs/demo/data -c configs/demo.yaml",), dsub, config=False)
     p.add_argument("out", help="output directory")
     _add_config_args(p)
-    p = command("info", _cmd_data_info, "print classes, counts, shards and image size of a dataset", dsub, config=False)
+    p = command("info", _cmd_data_info, "print classes, counts, shards and image size of a dataset",
+                (f"stamp data info {DIGITS}",), dsub, config=False)
     p.add_argument("dir", help="dataset directory (holds manifest.json)")
 
-    command("pretrain", _cmd_pretrain, "train a backbone on the reference dataset (resumes from pretrain.out)")
-    command("meta-train", _cmd_meta_train, "meta-train the set encoder + mask generator (resumes from meta.out)")
-    p = command("prune", _cmd_prune, "prune the backbone for a target dataset with a meta-trained generator")
+    command("pretrain", _cmd_pretrain, "train a backbone on the reference dataset (resumes from pretrain.out)",
+            ("stamp pretrain -c configs/demo.yaml",
+             "stamp pretrain -c configs/demo.yaml pretrain.epochs=10 pretrain.out=runs/pretrain-10ep"))
+    command("meta-train", _cmd_meta_train, "meta-train the set encoder + mask generator (resumes from meta.out)",
+            ("stamp meta-train -c configs/demo.yaml",
+             "stamp meta-train -c configs/demo_ray.yaml    # on Ray: DeepSpeed workers + sampler actors"))
+    p = command("prune", _cmd_prune, "prune the backbone for a target dataset with a meta-trained generator",
+                (PRUNE_EXAMPLE, PRUNE_EXAMPLE.replace("digits-b0.25", "digits-uniform") + " prune.allocation=uniform"))
     p.add_argument("--generator", required=True, help="generator artifact directory, or a meta-train run (uses best)")
     p.add_argument("--data", required=True, help="target dataset directory (per-class shards)")
     p.add_argument("--budget", type=float, help="fraction of dense MACs to keep, in (0, 1] (default prune.budget)")
     p.add_argument("--out", required=True, help="output directory for the pruned model (must not exist)")
     p.add_argument("--adapt-steps", type=int, help="generator adaptation steps on the target (default prune.adapt_steps)")
-    p = command("finetune", _cmd_finetune, "fine-tune a pruned model on its target and report top-1")
+    p = command("finetune", _cmd_finetune, "fine-tune a pruned model on its target and report top-1",
+                (f"stamp finetune -c configs/demo.yaml --model runs/digits-b0.25 --data {DIGITS} --out runs/digits-ft",
+                 f"stamp finetune -c configs/demo.yaml --model runs/digits-b0.25 --data {DIGITS} --epochs 5 "
+                 "--out runs/digits-ft5"))
     p.add_argument("--model", required=True, help="pruned model directory (written by `stamp prune`)")
     p.add_argument("--data", required=True, help="target dataset directory")
     p.add_argument("--epochs", type=int, help="epochs (default finetune.epochs)")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
 
-    slurm = sub.add_parser("slurm", help="submit meta-training, pruning and bench jobs to SLURM (docs/SLURM.md)")
+    submit_examples = ("stamp slurm submit -c configs/imagenet_resnet50.yaml --dry-run    # print it, submit nothing",
+                       "stamp slurm submit -c configs/demo.yaml --job prune --budget 0.5 --budget 0.25 --wait")
+    slurm = sub.add_parser("slurm", help="submit meta-training, pruning and bench jobs to SLURM (docs/SLURM.md)",
+                           description="submit meta-training, pruning and bench jobs to SLURM (docs/SLURM.md)",
+                           **_examples(*submit_examples))
     ssub = slurm.add_subparsers(dest="slurm_command", required=True, metavar="SLURM_COMMAND")
     p = command("submit", _cmd_slurm_submit, "render a slurm/*.sbatch script's #SBATCH lines from the config "
-                "(section slurm) and submit it with sbatch", ssub)
+                "(section slurm) and submit it with sbatch", submit_examples, ssub)
     p.add_argument("--job", choices=("meta-train", "prune", "bench"), default="meta-train",
                    help="which slurm/*.sbatch script (default meta-train)")
     p.add_argument("--array", help="sbatch --array spec (prune: default one task per --budget)")

@@ -2,7 +2,8 @@
 
 data → pretrain (reference) → meta-train (generator) → for each held-out target: prune with the
 ``bench.methods`` (STAMP, random channels and none — dense — by default) at the same budget →
-fine-tune on the same few images → table (`stamp bench` writes the full report with plots).
+fine-tune on the same few images → table, three-line verdict and two plots beside ``summary.md``
+(`stamp bench` writes the full report).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from .data.manifest import MANIFEST
 from .errors import StampError
 from .meta.trainer import meta_train
 from .pretrain import pretrain
-from .report import summarize
+from .report import aggregate, plot_keep_ratios, plot_top1, summarize
+from .verdict import verdict
+
+TOP1_PLOT, KEEP_PLOT = "top1_vs_cost.png", "keep_ratios.png"
 
 
 def present_targets(targets: list[str]) -> list[str]:
@@ -44,11 +48,18 @@ def run_demo(cfg: StampConfig) -> str:
     meta_train(cfg)
     stage("prune + fine-tune on held-out targets")
     cfg.bench.targets = present_targets(cfg.bench.targets)
-    results = run_bench(cfg).cells
-    table = summarize(results)
+    run = run_bench(cfg)
+    rows = aggregate(run.cells)
+    table, lines = summarize(run.cells), verdict(rows)
     out = Path(cfg.bench.out)
+    plot_top1(rows, list(dict.fromkeys((r["target"], r["train_per_class"]) for r in rows)), out / TOP1_PLOT)
+    plots = [out / TOP1_PLOT, *([out / KEEP_PLOT] if plot_keep_ratios(rows, run.groups, out / KEEP_PLOT) else [])]
     with atomic_file(out / "summary.md") as tmp:
-        tmp.write_text(table + "\n")
-    write_json(out / "summary.json", {"config": to_dict(cfg), "results": results})
-    print(f"\n{table}\n\nwall time {time.perf_counter() - t0:.0f} s; results in {out}")
+        tmp.write_text("\n".join([table, "", "Verdict:", "", *[f"- {line}" for line in lines], "",
+                                  *[f"![{p.stem}]({p.name})" for p in plots]]) + "\n")
+    write_json(out / "summary.json", {"config": to_dict(cfg), "results": run.cells, "groups": run.groups,
+                                      "verdict": lines, "plots": [p.name for p in plots]})
+    print("\n".join(["", table, "", "verdict:", *[f"  {line}" for line in lines], "", "plots:",
+                     *[f"  {p}" for p in plots], "",
+                     f"wall time {time.perf_counter() - t0:.0f} s; results in {out}/summary.md"]))
     return table

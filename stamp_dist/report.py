@@ -8,7 +8,8 @@ one seed has no standard error, so no noise judgement is made for it.
 
 Plots (matplotlib, Agg): top-1 vs MACs ratio per target (one panel per regime), time to the final
 model per method (one panel per regime), and per-group keep ratios of STAMP vs the best baseline per
-target (one panel per budget; only when STAMP cells exist).
+target (one panel per budget; only when STAMP cells exist). The demo draws the same kinds of plot
+over all its targets in one figure each (``plot_top1``, ``plot_keep_ratios``: STAMP vs every method).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def beyond_noise(a: dict, b: dict) -> bool | None:
     return abs(a["top1_mean"] - b["top1_mean"]) > 2 * math.sqrt(sa**2 + sb**2)
 
 
-def _settings(rows: list[dict]) -> dict[tuple, list[dict]]:
+def pruning_settings(rows: list[dict]) -> dict[tuple, list[dict]]:
     """Rows of the pruning methods per (target, regime, budget)."""
     out: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
@@ -84,7 +85,7 @@ def _settings(rows: list[dict]) -> dict[tuple, list[dict]]:
 def stamp_vs_best(rows: list[dict]) -> list[dict]:
     """Per (target, regime, budget): STAMP's top-1 against the best other pruning method."""
     out = []
-    for (target, regime, budget), rs in _settings(rows).items():
+    for (target, regime, budget), rs in pruning_settings(rows).items():
         stamp = next((r for r in rs if r["method"] == "stamp"), None)
         others = [r for r in rs if r["method"] != "stamp"]
         if stamp is None or not others:
@@ -102,7 +103,7 @@ def discrimination(rows: list[dict]) -> dict[str, dict]:
     """Per target: in how many (regime, budget) settings the best and worst pruning method differ
     beyond noise, and which methods are within noise of the best in each setting."""
     out: dict[str, dict] = {}
-    for (target, regime, budget), rs in _settings(rows).items():
+    for (target, regime, budget), rs in pruning_settings(rows).items():
         t = out.setdefault(target, {"settings": 0, "judged": 0, "separated": 0, "detail": []})
         t["settings"] += 1
         best, worst = max(rs, key=lambda r: r["top1_mean"]), min(rs, key=lambda r: r["top1_mean"])
@@ -316,41 +317,60 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_top1_vs_macs(rows: list[dict], target: str, path: Path) -> None:
-    """Mean top-1 (± std) against the achieved MACs ratio, one panel per regime. Methods with the same
-    per-group rule land on the same MACs ratio, so each method's points are shifted sideways by a few
-    percent (its own offset) to keep them all visible."""
+    """Mean top-1 (± std) against the achieved MACs ratio for one target, one panel per regime."""
+    plot_top1(rows, [(target, regime) for regime in dict.fromkeys(r["train_per_class"] for r in rows
+                                                                  if r["target"] == target)], path)
+
+
+def plot_top1(rows: list[dict], panels: list[tuple[str, int]], path: Path) -> None:
+    """Mean top-1 (± std over seeds) against the achieved MACs ratio, one panel per (target, regime), at
+    most three panels a line; the unpruned reference is a dashed line. Methods with the same per-group
+    rule land on the same MACs ratio, so each method's points are shifted sideways by a few percent
+    (its own offset) to keep them all visible."""
     plt = _pyplot()
     from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
-    rs = [r for r in rows if r["target"] == target]
-    regimes = list(dict.fromkeys(r["train_per_class"] for r in rs))
-    methods = [m for m in dict.fromkeys(r["method"] for r in rs) if m not in NOT_PRUNING]
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in NOT_PRUNING]
     colors = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
-    fig, axes = plt.subplots(1, len(regimes), figsize=(5 * len(regimes), 4.2), squeeze=False, sharey=True)
-    for ax, regime in zip(axes[0], regimes):
-        at = [r for r in rs if r["train_per_class"] == regime]
+    ncols = min(len(panels), 3)
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4.2 * nrows), squeeze=False)
+    for ax, (target, regime) in zip(axes.flat, panels):
+        at = [r for r in rows if r["target"] == target and r["train_per_class"] == regime]
         for r in at:
             if r["method"] in NOT_PRUNING:
-                ax.axhline(100 * r["top1_mean"], color="gray", linestyle="--", linewidth=1, label=r["method"])
+                ax.axhline(100 * r["top1_mean"], color="gray", linestyle="--", linewidth=1,
+                           label=f"{r['method']} (unpruned)")
         for i, method in enumerate(methods):
             pts = sorted((r for r in at if r["method"] == method), key=lambda r: r["macs_ratio"])
             if not pts:
                 continue
             shift = 1 + 0.025 * (i - (len(methods) - 1) / 2)
             style = dict(marker="*", markersize=13, linewidth=2.5, color="black") if method == "stamp" else \
-                dict(marker="o", markersize=4, linewidth=1, color=colors[(2 * i) % 20 + (2 * i) // 20])
+                dict(marker="o", markersize=5, linewidth=1, color=colors[(2 * i) % 20 + (2 * i) // 20])
             ax.errorbar([shift * r["macs_ratio"] for r in pts], [100 * r["top1_mean"] for r in pts],
-                        yerr=[100 * (r["top1_std"] or 0) for r in pts], label=method, capsize=2, **style)
+                        yerr=[100 * (r["top1_std"] or 0) for r in pts], label=method, capsize=3, **style)
         ax.set_xscale("log")
-        ticks = sorted({round(r["budget"], 3) for r in at})
+        ticks = sorted({round(r["budget"], 3) for r in at if r["method"] not in NOT_PRUNING})
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.set_xlabel("MACs ratio (of dense)")
-        ax.set_title(f"{target}, {regime_name(regime)}")
+        lo, hi = min(ticks, default=1.0), max(ticks, default=1.0)
+        ax.set_xlim(lo / 1.35, hi * 1.35)  # room for the sideways shifts when there is a single budget
+        ax.set_xlabel("MACs ratio (of the dense network)")
+        ax.set_ylabel("top-1 after fine-tuning (%)")
+        seeds = sorted({s for r in at for s in r["seeds"]})
+        ax.set_title(f"{target}, {regime_name(regime)}, {len(seeds)} seed{'s' * (len(seeds) > 1)}")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("top-1 (%)")
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    handles = {}
+    for ax in axes.flat[:len(panels)]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 0.95),
+               title="mean ± std over seeds", title_fontsize=8)
+    fig.tight_layout()
     _save(fig, path)
 
 
@@ -376,32 +396,49 @@ def plot_time(rows: list[dict], path: Path) -> None:
 
 def plot_keep_ratio(rows: list[dict], groups: list[dict], target: str, path: Path) -> bool:
     """STAMP's per-group keep ratio (mean over regimes and seeds) next to the best other pruning method's
-    at each budget; returns False (nothing written) without STAMP rows."""
-    rs = [r for r in rows if r["target"] == target and r["method"] not in NOT_PRUNING]
-    budgets = sorted({r["budget"] for r in rs if r["method"] == "stamp"}, reverse=True)
-    if not budgets:
+    at each budget of one target; returns False (nothing written) without STAMP rows."""
+    budgets = sorted({r["budget"] for r in rows if r["target"] == target and r["method"] == "stamp"}, reverse=True)
+    return _keep_ratio_figure(rows, groups, [(target, b) for b in budgets], path, best_only=True)
+
+
+def plot_keep_ratios(rows: list[dict], groups: list[dict], path: Path) -> bool:
+    """STAMP's per-group keep ratio next to every other pruning method's, one panel per (target, budget)
+    where STAMP ran; returns False (nothing written) without STAMP rows."""
+    panels = list(dict.fromkeys((r["target"], r["budget"]) for r in rows if r["method"] == "stamp"))
+    return _keep_ratio_figure(rows, groups, panels, path, best_only=False)
+
+
+def _keep_ratio_figure(rows: list[dict], groups: list[dict], panels: list[tuple[str, float]], path: Path,
+                       best_only: bool) -> bool:
+    """Grouped bars of kept / channels per group, STAMP first, then the other pruning methods of the panel
+    (``best_only``: just the one with the best mean top-1); each method's mean over regimes and seeds."""
+    if not panels:
         return False
     plt = _pyplot()
     sizes = np.array([g["channels"] for g in groups], dtype=float)
-    fig, axes = plt.subplots(len(budgets), 1, figsize=(max(8, 0.45 * len(groups)), 3 * len(budgets)), squeeze=False)
-    for ax, budget in zip(axes[:, 0], budgets):
-        at = [r for r in rs if r["budget"] == budget]
-        means = defaultdict(list)
-        for r in at:
-            means[r["method"]].append(r)
-        best = max((m for m in means if m != "stamp"), key=lambda m: np.mean([r["top1_mean"] for r in means[m]]),
-                   default=None)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.6 * len(groups)), 4.2 * len(panels)), squeeze=False)
+    for ax, (target, budget) in zip(axes[:, 0], panels):
+        by_method: dict[str, list[dict]] = defaultdict(list)
+        for r in rows:
+            if r["target"] == target and r["budget"] == budget and r["method"] not in NOT_PRUNING:
+                by_method[r["method"]].append(r)
+        others = sorted((m for m in by_method if m != "stamp"),
+                        key=lambda m: -np.mean([r["top1_mean"] for r in by_method[m]]))
+        methods = ["stamp", *others[:1]] if best_only else ["stamp", *others]
+        width = 0.8 / len(methods)
         x = np.arange(len(groups))
-        for offset, method in ((-0.2, "stamp"), (0.2, best)):
-            if method is None:
-                continue
-            ratio = np.mean([r["kept"] for r in means[method]], axis=0) / sizes
-            ax.bar(x + offset, ratio, width=0.4, label=method)
-        ax.set_xticks(x, [g["name"] for g in groups], rotation=70, fontsize=7)
+        for i, method in enumerate(methods):
+            ratio = np.mean([r["kept"] for r in by_method[method]], axis=0) / sizes
+            label = f"{method} (top-1 {100 * np.mean([r['top1_mean'] for r in by_method[method]]):.1f} %)"
+            ax.bar(x + (i - (len(methods) - 1) / 2) * width, ratio, width=width, label=label,
+                   color="black" if method == "stamp" else None)
+        ax.set_xticks(x, [g["name"] for g in groups], rotation=40, ha="right", rotation_mode="anchor", fontsize=8)
+        ax.set_xlabel("channel group")
         ax.set_ylabel("kept / channels")
         ax.set_ylim(0, 1.05)
-        ax.set_title(f"{target}, budget {budget:g} (mean over regimes and seeds)")
-        ax.legend(fontsize=8)
+        ax.set_title(f"{target}, budget {budget:g} of dense MACs (mean over regimes and seeds)")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1))
+        ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     _save(fig, path)
     return True

@@ -80,3 +80,32 @@ def test_overview_has_a_column_per_method_and_marks_the_best():
     assert line == "| t | 10/class | 0.5 | 90.0 ± 0.0 | 55.0 ± 7.1 | **75.0 ± 7.1** | 55.0 ± 7.1 |"
     before = report.overview_table(report.aggregate(_cells([0.8, 0.7], [0.5, 0.6])), before_finetune=True)
     assert before.splitlines()[2] == "| t | 10/class | 0.5 | 45.0 | 27.5 | **37.5** | 27.5 |"
+
+
+def test_demo_plots_cover_every_target_regime_and_method_with_labels(tmp_path, monkeypatch):
+    """One top-1 figure and one keep-ratio figure for all targets: a panel per (target, regime) and per
+    (target, budget), labelled axes, and a legend naming every method (STAMP vs all others)."""
+    cells = []
+    for target in ("a", "b", "c"):
+        for seed in range(2):
+            cells.append(_cell("dense", 1.0, seed, 0.9, target=target))
+            for method in ("random", "l1", "stamp"):
+                for budget in (0.5, 0.25):
+                    cells.append(_cell(method, budget, seed, 0.5 + 0.1 * seed, target=target))
+    rows = report.aggregate(cells)
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    report.plot_top1(rows, [(t, 10) for t in ("a", "b", "c")], tmp_path / "top1.png")
+    assert report.plot_keep_ratios(rows, GROUPS, tmp_path / "keep.png")
+    top1, keep = figures
+    panels = [ax for ax in top1.axes if ax.get_visible() and ax.get_title()]
+    assert [ax.get_title() for ax in panels] == [f"{t}, 10/class, 2 seeds" for t in ("a", "b", "c")]
+    assert all(ax.get_xlabel().startswith("MACs ratio") and ax.get_ylabel().startswith("top-1") for ax in panels)
+    [legend] = top1.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["dense (unpruned)", "random", "l1", "stamp"]
+    assert [ax.get_title().split(" of")[0] for ax in keep.axes] == [f"{t}, budget {b}" for t in ("a", "b", "c")
+                                                                    for b in (0.5, 0.25)]
+    for ax in keep.axes:
+        assert ax.get_xlabel() == "channel group" and ax.get_ylabel() == "kept / channels"
+        assert [t.get_text().split(" ")[0] for t in ax.get_legend().get_texts()] == ["stamp", "random", "l1"]
+    assert not report.plot_keep_ratios([r for r in rows if r["method"] != "stamp"], GROUPS, tmp_path / "none.png")

@@ -27,6 +27,7 @@ from PIL import Image
 
 from ..atomic import atomic_dir, read_json, write_json
 from ..errors import StampError
+from ..progress import progress
 from .convert import IDX_FILES, read_idx
 from .manifest import Manifest
 from .shards import PerClassShardWriter
@@ -165,13 +166,14 @@ def _class_rng(seed: int, combo: tuple[str, str, str], split: str) -> np.random.
     return np.random.default_rng([seed, zlib.crc32("/".join([*combo, split]).encode())])
 
 
-def _write_synthetic(root: Path, combos: list, seed: int, per_split: dict[str, int]) -> Manifest:
+def _write_synthetic(root: Path, combos: list, seed: int, per_split: dict[str, int], bar) -> Manifest:
     writer = PerClassShardWriter(root, [class_name(c) for c in combos], IMAGE_SIZE,
                                  source=f"synthetic shapes (stamp_dist.data.demo v{GENERATOR_VERSION}, seed {seed})")
     for label, combo in enumerate(combos):
         for split, n in per_split.items():
             for image in render_class(combo, n, _class_rng(seed, combo, split)):
                 writer.add(split, label, image)
+            bar.update(n)
     return writer.finish()
 
 
@@ -290,12 +292,15 @@ def make_demo_data(out: str | Path, data_cfg) -> dict[str, Path]:
 
     t0 = time.perf_counter()
     per_split = {"train": key["demo_train_per_class"], "test": key["demo_test_per_class"]}
-    with atomic_dir(out, overwrite=True) as tmp:  # all or nothing: an interrupted run leaves no ``out``
+    synthetic = (key["demo_classes"] + len(HELDOUT_COMBOS)) * sum(per_split.values())
+    # all or nothing: an interrupted run leaves no ``out``
+    with atomic_dir(out, overwrite=True) as tmp, progress(total=synthetic, desc="synthetic images", unit="img",
+                                                          unit_scale=True) as bar:
         manifests = {
             "reference": _write_synthetic(tmp / LAYOUT["reference"], REFERENCE_COMBOS[: key["demo_classes"]],
-                                          key["seed"], per_split),
+                                          key["seed"], per_split, bar),
             "synthetic_heldout": _write_synthetic(tmp / LAYOUT["synthetic_heldout"], HELDOUT_COMBOS, key["seed"],
-                                                  per_split),
+                                                  per_split, bar),
             "digits": _write_digits(tmp / LAYOUT["digits"], key["seed"]),
         }
         write_json(tmp / "demo.json", key)

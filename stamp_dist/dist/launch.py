@@ -72,6 +72,8 @@ def start_ray(runtime: RuntimeConfig, num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    if not sys.stdout.isatty():  # this process prints the workers' output: no colour codes in a log file
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     runtime_env = {"env_vars": worker_env(runtime)}
     if runtime.address:
         ray.init(address=runtime.address, runtime_env=runtime_env)

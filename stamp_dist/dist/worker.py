@@ -28,7 +28,8 @@ import torch
 
 from ..atomic import write_json
 from ..config import StampConfig, from_dict
-from ..meta.trainer import validation_episodes
+from ..meta.trainer import step_postfix, validation_episodes, validation_line
+from ..progress import progress
 from ..runlog import MetricsLog
 from ..tracking import Tracker
 from .learner import Learner
@@ -53,6 +54,8 @@ class Chief:
         self.log = MetricsLog(self.out / "metrics.jsonl")
         self.log.resume_from(learner.step)  # drop the steps after the checkpoint this group starts from
         self._publishing: tuple | None = None  # (ObjectRef, step, metrics) of the version being written
+        # A worker's output reaches the driver's log through Ray, never a terminal: periodic lines.
+        self.bar = progress(total=cfg.meta.steps, initial=learner.step, desc="meta-train", unit="step")
 
     def after_step(self, step: int, metrics: dict, validate: bool, checkpoint: bool) -> None:
         if validate:
@@ -65,6 +68,10 @@ class Chief:
             self._publishing = (self.aggregator.publish.remote(step, self.learner.weights(), metrics), step, metrics)
         self.tracker.log(metrics, step)
         self.log.append(step, metrics, durable=checkpoint)  # before the checkpoint: runlog.py
+        self.bar.update(1)
+        self.bar.set_postfix(step_postfix(metrics), refresh=False)
+        if validate:
+            self.bar.write(validation_line(step, metrics))
 
     def _collect(self) -> None:
         """Wait for the version being written, then log it as an artifact."""
@@ -77,6 +84,7 @@ class Chief:
         _append(self.out / "events.jsonl", {"event": kind, "time": time.time(), **fields})
 
     def close(self, summary: dict) -> None:
+        self.bar.close()
         self._collect()
         write_json(self.out / "summary.json", summary)
         self.event("finish", **{k: summary[k] for k in ("step", "stopped")})

@@ -186,10 +186,9 @@ class MetaTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(self.out / "metrics.jsonl")
         log.resume_from(self.step)
-        bar = progress(total=m.steps, initial=self.step, desc="meta-train", unit="step")
-        with stop_requests() as stop:
+        with progress(total=m.steps, initial=self.step, desc="meta-train", unit="step") as bar, \
+                stop_requests() as stop:
             self._loop(bar, log, stop)
-        bar.close()
         if self.step < m.steps:
             raise Stopped(f"meta-train: stopped at step {self.step} of {m.steps} with a checkpoint; run the same "
                           "command to resume")
@@ -204,14 +203,12 @@ class MetaTrainer:
             wait += time.perf_counter() - t
             metrics = self.meta_step(episodes)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['query_acc']:.2f}",
-                            ratio=f"{metrics['expected_ratio']:.2f}/{metrics['budget']:.2f}", refresh=False)
+            bar.set_postfix(step_postfix(metrics), refresh=False)
             if self.step % m.val_every == 0 or self.step == m.steps:
                 metrics |= self.validate()
                 metrics["data_wait_fraction"] = wait / (time.perf_counter() - t0)
                 self.publish(metrics)
-                bar.write(f"step {self.step}: val_acc {metrics['val_acc']:.3f} "
-                          f"(hard masks, max |ratio-b| {metrics['val_ratio_error']:.3f})")
+                bar.write(validation_line(self.step, metrics))
             checkpoint = self.step % m.checkpoint_every == 0 or self.step == m.steps or stop.is_set()
             metrics["seconds"] = time.perf_counter() - t  # the step's wall time (bench reports the sum)
             log.append(self.step, metrics, durable=checkpoint)  # before the checkpoint: runlog.py
@@ -219,6 +216,17 @@ class MetaTrainer:
                 save_state(self.out / "checkpoint", self.state())
             if stop.is_set():
                 return
+
+
+def step_postfix(metrics: dict) -> dict[str, str]:
+    """What the progress bar shows of a meta-step (both backends)."""
+    return {"loss": f"{metrics['loss']:.3f}", "acc": f"{metrics['query_acc']:.2f}",
+            "ratio": f"{metrics['expected_ratio']:.2f}/{metrics['budget']:.2f}"}
+
+
+def validation_line(step: int, metrics: dict) -> str:
+    return (f"step {step}: val_acc {metrics['val_acc']:.3f} "
+            f"(hard masks, max |ratio-b| {metrics['val_ratio_error']:.3f})")
 
 
 def meta_train(cfg: StampConfig) -> Path:
