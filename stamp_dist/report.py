@@ -22,9 +22,11 @@ import numpy as np
 
 from .atomic import atomic_file, write_json
 from .bench import BenchRun, regime_name
+from .pruning.baselines import METHODS as SCORE_METHODS
 
 ROW_KEY = ("target", "train_per_class", "method", "budget")
 NOT_PRUNING = ("dense",)
+ONE_SHOT = tuple(m for m in SCORE_METHODS if m != "random")  # score-and-prune baselines that read the target
 MEANS = ("top1_before_finetune", "macs_ratio", "params", "macs", "seconds_to_prune", "seconds_to_finetune",
          "seconds_total", "train_images", "eval_images")  # cell fields a row reports as the mean over seeds
 
@@ -96,6 +98,38 @@ def stamp_vs_best(rows: list[dict]) -> list[dict]:
                     "stamp_top1": stamp["top1_mean"], "best_baseline": best["method"],
                     "best_baseline_top1": best["top1_mean"], "delta": stamp["top1_mean"] - best["top1_mean"],
                     "beyond_noise": beyond_noise(stamp, best), "stamp_rank": rank, "methods": len(rs)})
+    return out
+
+
+def paired_delta(cells: list[dict], method: str, other: str, setting: tuple) -> dict | None:
+    """``method`` − ``other`` top-1 in one (target, regime, budget) setting, paired by seed: the two cells of a
+    seed share the sample, the fine-tuning order and the evaluation images, so the seed-to-seed spread
+    cancels. Mean, its standard error over seeds, and beyond noise (|mean| > 2 SE; None with one seed)."""
+    top1 = {(c["method"], c["seed"]): c["top1"] for c in cells
+            if (c["target"], c["train_per_class"], c["budget"]) == setting}
+    seeds = sorted({s for m, s in top1 if m == method} & {s for m, s in top1 if m == other})
+    if not seeds:
+        return None
+    d = np.array([top1[(method, s)] - top1[(other, s)] for s in seeds])
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
+    return {"other": other, "delta": float(d.mean()), "se": se, "seeds": seeds,
+            "beyond_noise": None if se is None else bool(abs(d.mean()) > 2 * se)}
+
+
+def stamp_paired(cells: list[dict], rows: list[dict]) -> list[dict]:
+    """Per setting with STAMP: STAMP − random channels and STAMP − the one-shot baseline with the best mean
+    in that setting (picked after the fact, which favours the baseline), both paired by seed."""
+    out = []
+    for setting, rs in pruning_settings(rows).items():
+        methods = {r["method"]: r for r in rs}
+        if "stamp" not in methods:
+            continue
+        one_shot = [r for r in rs if r["method"] in ONE_SHOT]
+        best = max(one_shot, key=lambda r: r["top1_mean"])["method"] if one_shot else None
+        out.append({"target": setting[0], "train_per_class": setting[1], "budget": setting[2],
+                    "stamp_top1": methods["stamp"]["top1_mean"],
+                    "vs_random": paired_delta(cells, "stamp", "random", setting) if "random" in methods else None,
+                    "vs_best_one_shot": paired_delta(cells, "stamp", best, setting) if best else None})
     return out
 
 
@@ -253,6 +287,27 @@ def _markdown(run: BenchRun, rows: list[dict], summary: dict, plots: dict[str, l
         lines.append("No STAMP cells in this run.")
     lines += [""]
 
+    lines += ["## STAMP against random channels and the best one-shot method, paired by seed", "",
+              "Δ = STAMP − the other method, top-1 points, mean ± standard error over the seeds both ran (each "
+              "seed: the same sample, fine-tuning order and test images); * = beyond noise (|Δ| > 2 SE). The "
+              "best one-shot method (" + ", ".join(ONE_SHOT) + ") is the one with the best mean in that setting.", ""]
+    if summary["stamp_paired"]:
+        lines += ["| target | regime | budget | STAMP top-1 % | Δ vs random | best one-shot | Δ vs it |",
+                  "|" + "---|" * 7]
+        for s in summary["stamp_paired"]:
+            r, b = s["vs_random"], s["vs_best_one_shot"]
+            lines.append(f"| {s['target']} | {regime_name(s['train_per_class'])} | {s['budget']:g} "
+                         f"| {100 * s['stamp_top1']:.1f} | {_paired(r)} | {b['other'] if b else '—'} | {_paired(b)} |")
+        ahead = [s for s in summary["stamp_paired"] if s["vs_random"] and s["vs_random"]["beyond_noise"]
+                 and s["vs_random"]["delta"] > 0]
+        behind = [s for s in summary["stamp_paired"] if s["vs_random"] and s["vs_random"]["beyond_noise"]
+                  and s["vs_random"]["delta"] < 0]
+        lines += ["", f"Against random channels, STAMP is ahead beyond noise in {len(ahead)} and behind beyond noise "
+                      f"in {len(behind)} of {len(summary['stamp_paired'])} settings."]
+    else:
+        lines.append("No STAMP cells in this run.")
+    lines += [""]
+
     lines += ["## Can each target tell the methods apart?", ""]
     for target, d in summary["discrimination"].items():
         if d["discriminates"] is None:
@@ -286,6 +341,14 @@ def _markdown(run: BenchRun, rows: list[dict], summary: dict, plots: dict[str, l
         lines += ["## Per-group keep ratios: STAMP vs the best baseline", "",
                   *[f"![keep ratios]({p})" for p in plots["keep_ratio"]], ""]
     return "\n".join(lines).replace("\n\n\n", "\n\n")
+
+
+def _paired(d: dict | None) -> str:
+    if d is None:
+        return "—"
+    if d["se"] is None:
+        return f"{100 * d['delta']:+.1f} (1 seed)"
+    return f"{100 * d['delta']:+.1f} ± {100 * d['se']:.1f}{' *' if d['beyond_noise'] else ''}"
 
 
 def _time_table(rows: list[dict]) -> dict[tuple, tuple[float, float, float]]:
@@ -451,7 +514,8 @@ def write_report(run: BenchRun, out: str | Path, command: str | None = None) -> 
     """Write ``report.md``, ``report.json`` and ``plots/*.png`` under ``out``; returns the JSON content."""
     out = Path(out)
     rows = aggregate(run.cells)
-    summary = {"stamp_vs_best": stamp_vs_best(rows), "discrimination": discrimination(rows),
+    summary = {"stamp_vs_best": stamp_vs_best(rows), "stamp_paired": stamp_paired(run.cells, rows),
+               "discrimination": discrimination(rows),
                "time_ratios": time_ratios(run.cells)}
     plots: dict[str, list[str]] = {"top1_vs_macs": [], "time": [], "keep_ratio": []}
     for target in dict.fromkeys(r["target"] for r in rows):

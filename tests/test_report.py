@@ -48,6 +48,22 @@ def test_stamp_vs_best_noise_and_discrimination():
     assert sorted(d["detail"][0]["within_noise_of_best"]) == ["random", "stamp", "train_prune"]
 
 
+def test_paired_delta_cancels_the_seed_to_seed_spread():
+    # Seeds move both methods together by 0.2: unpaired the 0.02 gap is noise, paired it is not.
+    cells = _cells([0.62, 0.82, 0.72], [0.60, 0.80, 0.70]) + [_cell("l1", 0.5, s, a) for s, a in
+                                                              enumerate([0.70, 0.85, 0.75])]
+    rows = report.aggregate(cells)
+    assert report.beyond_noise(rows[2], rows[1]) is False
+    [s] = report.stamp_paired(cells, rows)
+    assert s["vs_random"]["delta"] == pytest.approx(0.02) and s["vs_random"]["se"] == pytest.approx(0.0, abs=1e-9)
+    assert s["vs_random"]["beyond_noise"] is True and s["vs_random"]["seeds"] == [0, 1, 2]
+    best = s["vs_best_one_shot"]  # train_prune is not one-shot; l1 is the only one here
+    assert best["other"] == "l1" and best["delta"] == pytest.approx(-0.14 / 3) and best["beyond_noise"] is True
+    one = report.stamp_paired(cells[:4], report.aggregate(cells[:4]))[0]
+    assert one["vs_random"]["se"] is None and one["vs_random"]["beyond_noise"] is None
+    assert one["vs_best_one_shot"] is None
+
+
 def test_time_ratios_pair_cells_of_the_same_setting():
     ratios = report.time_ratios(_cells([0.8, 0.7], [0.5, 0.5]))
     assert ratios["train_prune"]["overall"] == pytest.approx(5 / 40)
