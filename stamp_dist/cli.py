@@ -65,6 +65,9 @@ def _cmd_prune(args: argparse.Namespace) -> None:
 
     p = cfg.prune
     if args.adapt_steps is not None:
+        if args.adapt_steps < 0:
+            raise StampError(f"--adapt-steps {args.adapt_steps}: adaptation steps must be an integer >= 0; "
+                             "0 uses the generator as is")
         p.adapt_steps = args.adapt_steps
     report = prune(args.generator, args.data, args.budget if args.budget is not None else p.budget, args.out, p,
                    device=cfg.runtime.device)
