@@ -76,6 +76,14 @@ def _cmd_prune(args: argparse.Namespace) -> None:
           f"made in {report['seconds_to_prune']:.2f} s")
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_model
+
+    r = export_model(args.model, args.format, args.out)
+    print(f"exported {args.model} → {r.path} ({r.format}, {r.bytes / 1e6:.2f} MB, input [batch, "
+          f"{', '.join(map(str, r.input_shape))}]); max |{r.format} - PyTorch| on a check batch {r.max_abs_diff:.2g}")
+
+
 def _cmd_finetune(args: argparse.Namespace) -> None:
     cfg = _config(args)
     from .finetune import finetune
@@ -193,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="target dataset directory")
     p.add_argument("--epochs", type=int, help="epochs (default finetune.epochs)")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
+
+    p = command("export", _cmd_export, "export a pruned or fine-tuned model to ONNX or torch.export, checked "
+                "against PyTorch (ONNX needs: pip install 'stamp_dist[export]')",
+                ("stamp export --model runs/digits-b0.25 --format onnx    # → runs/digits-b0.25/model.onnx",
+                 "stamp export --model runs/digits-ft --format torch.export --out deploy/digits.pt2"), config=False)
+    p.add_argument("--model", required=True, help="pruned model directory (written by `stamp prune` or `stamp finetune`)")
+    p.add_argument("--format", required=True, help="onnx or torch.export (export.ExportFormat)")
+    p.add_argument("--out", help="output file (default <model>/model.onnx or <model>/model.pt2; must not exist)")
 
     submit_examples = ("stamp slurm submit -c configs/imagenet_resnet50.yaml --dry-run    # print it, submit nothing",
                        "stamp slurm submit -c configs/demo.yaml --job prune --budget 0.5 --budget 0.25 --wait")
