@@ -141,7 +141,7 @@ def main() -> None:
     batches = {k: pruning_batch(sample, cfg.prune.samples_per_class, k[1], torch.device("cpu"))
                for k, (sample, _) in samples.items()}
     inputs = {k: read(gen, norm, batch.x, batch.num_classes) for k, batch in batches.items()}
-    allocation = cfg.prune.allocation or gen.stamp.allocation
+    allocation = gen.stamp.allocation_for(cfg.prune.allocation)
     p = cfg.prune
     # What the generator prefers (no sampling noise): for the overlap measurements.
     top = {k: hard_masks(gen.stamp, gen.cost, i, budget, allocation=allocation) for k, i in inputs.items()}

@@ -207,7 +207,7 @@ class Bench:
                                                        "augment", "flip")}}
         if cell.method == "stamp":
             key["generator"] = self.generator_id
-            key["allocation"] = self.cfg.prune.allocation or self.generator.stamp.allocation
+            key["allocation"] = self.generator.stamp.allocation_for(self.cfg.prune.allocation)
             key["selection"] = self.cfg.prune.selection
             if self.cfg.prune.adapt_steps:
                 key["adapt"] = {"steps": self.cfg.prune.adapt_steps, "lr": self.cfg.prune.adapt_lr}
@@ -374,7 +374,7 @@ def generator_record(bench: Bench) -> dict | None:
         return None
     gen, p = bench.generator, bench.cfg.prune
     return {"path": str(gen.path), "id": bench.generator_id, "step": gen.info.get("step"), "meta": gen.info["meta"],
-            "allocation": p.allocation or gen.stamp.allocation, "selection": p.selection,
+            "allocation": gen.stamp.allocation_for(p.allocation), "selection": p.selection,
             "adapt_steps": p.adapt_steps, "adapt_lr": p.adapt_lr}
 
 

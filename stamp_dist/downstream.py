@@ -157,5 +157,5 @@ def prune(generator: str | Path, data: str | Path, budget: float, out: str | Pat
     seconds = time.perf_counter() - t0
     return save_pruned_for_target(out, gen.backbone, gen.backbone_meta, gen.groups, masks, target, "stamp", budget,
                                   seconds, {"generator": str(gen.path), "adapt_steps": p.adapt_steps,
-                                            "allocation": p.allocation or gen.stamp.allocation,
+                                            "allocation": gen.stamp.allocation_for(p.allocation),
                                             "selection": p.selection, "seed": p.seed})

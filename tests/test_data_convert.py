@@ -286,11 +286,10 @@ def test_idx_round_trip(tmp_path, gz):
 def test_fashion_mnist_package_converts(tmp_path):
     """Debian's dataset-fashion-mnist (where installed): 60,000 + 10,000 images, 10 classes."""
     from stamp_dist.config import DataConfig
-    from stamp_dist.data.convert import read_idx
-    from stamp_dist.data.demo import fashion_mnist_available
+    from stamp_dist.data.convert import has_idx, read_idx
 
     FASHION_MNIST = Path(DataConfig.fashion_mnist)
-    if not fashion_mnist_available(FASHION_MNIST):
+    if not has_idx(FASHION_MNIST):
         pytest.skip(f"{FASHION_MNIST} not installed (apt-get install dataset-fashion-mnist)")
     labels = read_idx(FASHION_MNIST / "t10k-labels-idx1-ubyte.gz")
     assert labels.shape == (10000,) and np.bincount(labels).tolist() == [1000] * 10

@@ -434,30 +434,45 @@ def _idx_file(src: Path, stem: str, kind: str) -> Path | None:
     return found[0] if found else None
 
 
+def idx_split(src: Path, split: str) -> tuple[np.ndarray, np.ndarray, Path] | None:
+    """One split of an IDX directory (``IDX_FILES``): images ``[N, H, W]``, labels ``[N]`` and the images
+    file, checked against each other; None when the test split has neither file."""
+    images_stem, labels_stem = IDX_FILES[split]
+    images, labels = _idx_file(src, images_stem, "images"), _idx_file(src, labels_stem, "labels")
+    if images is None and labels is None and split == "test":
+        return None
+    if images is None or labels is None:
+        missing = f"{images_stem}-idx3-ubyte" if images is None else f"{labels_stem}-idx1-ubyte"
+        raise _mismatch("idx", src, f"no {missing}[.gz] beside the {split} "
+                                    f"{'labels' if images is None else 'images'}")
+    x, y = read_idx(images), read_idx(labels)
+    if x.ndim != 3:
+        hint = " (it looks like a labels file)" if x.ndim == 1 else ""
+        raise StampError(f"{images}: holds a {x.ndim}-dimensional array {x.shape}{hint}; an images file has "
+                         "3 dimensions (N×H×W); check which file is which")
+    if y.ndim != 1:
+        raise StampError(f"{labels}: holds a {y.ndim}-dimensional array {y.shape}; a labels file has 1 "
+                         "dimension (N); check which file is which")
+    if len(x) != len(y):
+        raise StampError(f"{images} has {len(x)} images but {labels} has {len(y)} labels; they must come "
+                         "from the same release")
+    return x, y, images
+
+
+def has_idx(src: str | Path) -> bool:
+    """Whether ``src`` holds an IDX training-images file (raw or .gz, either naming)."""
+    return bool(str(src)) and Path(src).is_dir() and _idx_file(Path(src), IDX_FILES["train"][0], "images") is not None
+
+
 def _idx(src: Path) -> Source:
     if not src.is_dir():
         raise _mismatch("idx", src, "it is a file; give the directory holding the -images- and -labels- files")
     parts = []
-    for split, (images_stem, labels_stem) in IDX_FILES.items():
-        images, labels = _idx_file(src, images_stem, "images"), _idx_file(src, labels_stem, "labels")
-        if images is None and labels is None and split == "test":
-            continue
-        if images is None or labels is None:
-            missing = f"{images_stem}-idx3-ubyte" if images is None else f"{labels_stem}-idx1-ubyte"
-            raise _mismatch("idx", src, f"no {missing}[.gz] beside the {split} "
-                                        f"{'labels' if images is None else 'images'}")
-        x, y = read_idx(images), read_idx(labels)
-        if x.ndim != 3:
-            hint = " (it looks like a labels file)" if x.ndim == 1 else ""
-            raise StampError(f"{images}: holds a {x.ndim}-dimensional array {x.shape}{hint}; an images file has "
-                             "3 dimensions (N×H×W); check which file is which")
-        if y.ndim != 1:
-            raise StampError(f"{labels}: holds a {y.ndim}-dimensional array {y.shape}; a labels file has 1 "
-                             "dimension (N); check which file is which")
-        if len(x) != len(y):
-            raise StampError(f"{images} has {len(x)} images but {labels} has {len(y)} labels; they must come "
-                             "from the same release")
-        parts.append((split, *_check_arrays(x, y, images), images))
+    for split in IDX_FILES:
+        found = idx_split(src, split)
+        if found is not None:
+            x, y, images = found
+            parts.append((split, *_check_arrays(x, y, images), images))
     classes = None
     names_file = src / "classes.txt"
     if names_file.is_file():

@@ -28,7 +28,7 @@ from PIL import Image
 from ..atomic import atomic_dir, read_json, write_json
 from ..errors import StampError
 from ..progress import progress
-from .convert import IDX_FILES, read_idx
+from .convert import IDX_FILES, has_idx, idx_split
 from .manifest import Manifest
 from .shards import PerClassShardWriter
 
@@ -219,17 +219,16 @@ FASHION_PER_CLASS = {"train": 500, "test": 100}
 FASHION_INSTALL = "apt-get install -y dataset-fashion-mnist"
 
 
-def fashion_mnist_available(source: str | Path) -> bool:
-    return bool(str(source)) and (Path(source) / "train-images-idx3-ubyte.gz").is_file()
-
-
 def _write_fashion_mnist(root: Path, seed: int, source: Path) -> Manifest:
     writer = PerClassShardWriter(root, FASHION_CLASSES, IMAGE_SIZE,
                                  source=f"Fashion-MNIST ({source}; real photos of clothing, 28x28 upsampled to 32x32)")
     rng = np.random.default_rng(seed)
-    for split, (images, labels) in IDX_FILES.items():
-        x = read_idx(source / f"{images}-idx3-ubyte.gz")
-        y = read_idx(source / f"{labels}-idx1-ubyte.gz")
+    for split in IDX_FILES:
+        found = idx_split(source, split)
+        if found is None:
+            raise StampError(f"{source}: no t10k-images/t10k-labels IDX files; the Fashion-MNIST target needs its "
+                             "test split too (reinstall dataset-fashion-mnist, or set data.fashion_mnist='')")
+        x, y, _ = found
         for label in range(len(FASHION_CLASSES)):
             idx = np.flatnonzero(y == label)
             for i in np.sort(rng.choice(idx, size=min(len(idx), FASHION_PER_CLASS[split]), replace=False)):
@@ -243,8 +242,8 @@ def add_fashion_mnist(out: Path, seed: int, source: str | Path) -> Path | None:
     path = out / LAYOUT_REAL["fashion_mnist"]
     if path.is_dir():
         return path
-    if not fashion_mnist_available(source):
-        where = f"{source} has no train-images-idx3-ubyte.gz" if str(source) else "data.fashion_mnist is empty"
+    if not has_idx(source):
+        where = f"{source} has no train-images-idx3-ubyte[.gz]" if str(source) else "data.fashion_mnist is empty"
         print(f"note: Fashion-MNIST is not available ({where}), so the demo runs without that real target; "
               f"install it with `{FASHION_INSTALL}` and run again to add it")
         return None

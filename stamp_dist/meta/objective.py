@@ -48,6 +48,10 @@ class Stamp(nn.Module):
         return self.generator(self.encoder(inputs.features), budget,
                               inputs.channel_stats if self.stats else None)
 
+    def allocation_for(self, configured: str | None) -> str:
+        """``prune.allocation`` when set, else the allocation this generator was trained with."""
+        return configured or self.allocation
+
     def read(self, backbone: Backbone, groups: ChannelGroups, x: torch.Tensor, n_way: int) -> SetInputs:
         """What this module reads from a set of normalised, class-grouped images (:func:`read_set`)."""
         return read_set(backbone, groups, x, n_way, self.stats or ("activity",))
@@ -157,7 +161,7 @@ def hard_masks(stamp: Stamp, cost: CostModel, inputs: SetInputs, budget: float, 
     elif selection != "top":
         raise StampError(f"unknown selection {selection!r}; choose top or sample")
     probs = [keep_probability(a) for a in logits]
-    return hard_mask(probs, cost, budget, round_to, allocation or stamp.allocation)
+    return hard_mask(probs, cost, budget, round_to, stamp.allocation_for(allocation))
 
 
 def gumbel_noise(shape, generator: torch.Generator) -> torch.Tensor:
