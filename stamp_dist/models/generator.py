@@ -148,7 +148,9 @@ def hard_concrete_sample(
     gradient of the un-clamped relaxed ``s``, so saturated channels still receive gradient.
     """
     lo, hi = stretch
-    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
+    # Drawn on the generator's device (a CPU generator with CUDA logits: `stamp prune --adapt-steps` on a GPU).
+    where = generator.device if generator is not None else logits.device
+    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=where).to(logits.device)
     u = u.clamp(1e-6, 1 - 1e-6)  # avoid log(0)
     s = torch.sigmoid((u.log() - (-u).log1p() + logits) / tau)
     z = (s * (hi - lo) + lo).clamp(0.0, 1.0)
