@@ -119,6 +119,8 @@ def test_two_ranks_equal_single_process_on_union_meta_batch(runs, variant):
     for dist_m, ref_m in zip(metrics, reference_metrics):
         for key in ("loss", "ce", "expected_ratio", "query_acc", "budget"):
             assert dist_m[key] == pytest.approx(ref_m[key], abs=1e-5), key
+        # AdamW and a binding clip hide the gradient's scale from the weights; the pre-clip norm does not.
+        assert dist_m["grad_norm"] == pytest.approx(ref_m["grad_norm"], rel=1e-4)
 
 
 @pytest.mark.slow

@@ -99,12 +99,21 @@ class Learner:
                 out = episode_loss(mm.backbone, mm.stamp, mm.groups, mm.cost, ep, mm.norm, m, rng)
             check_finite(out, self.step)
             self.engine.backward(out.loss)
+            if j == len(episodes) - 1:  # the boundary: gradients are averaged over ranks, not yet clipped
+                own_norm = self._parameter_grad_norm()
             self.engine.step()  # updates only after the last episode (the accumulation boundary)
             outs.append(out)
         self.step += 1
-        metrics = summarize(outs, episodes)
         grad_norm = self.engine.get_global_grad_norm()  # reported by ZeRO 1/2 and bf16; None for fp32 ZeRO 0
-        return metrics if grad_norm is None else metrics | {"grad_norm": float(grad_norm)}
+        return summarize(outs, episodes) | {"grad_norm": float(own_norm if grad_norm is None else grad_norm)}
+
+    def _parameter_grad_norm(self) -> float:
+        """The pre-clip gradient norm where the gradients live on the parameters (ZeRO 0; NaN where ZeRO
+        partitions them: the engine reports those)."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.requires_grad]
+        if any(g is None for g in grads):
+            return float("nan")
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
     def validate(self, episodes: list[Episode]) -> dict[str, float]:
         with self.autocast():
