@@ -57,6 +57,23 @@ def test_bounded_buffer_resamples(dataset):
     assert len(seen) > 3  # refills drew other images of the class
 
 
+def test_a_refill_decodes_only_the_images_it_keeps(dataset, monkeypatch):
+    """At ImageNet scale a class holds ~1,300 images and a buffer a few dozen: decoding the whole class
+    per refill was the sampler's cost (issue 13). Now a fill decodes exactly the images it keeps."""
+    from stamp_dist.data import readers
+
+    decoded = []
+    real = readers.decode_image
+    monkeypatch.setattr(readers, "decode_image", lambda *a: decoded.append(1) or real(*a))
+    pool = ClassPool(dataset, buffer_size=3, reuse=1, seed=0)
+    served = 0
+    for _ in range(10):
+        x = pool.get(4, 3)
+        served += len(x)
+        assert ((x[:, 0, 0, 0] // 10) == 4).all()
+    assert len(decoded) == served  # one decode per delivered image (reuse=1: a refill per draw)
+
+
 def test_too_few_images_is_a_clear_error(dataset):
     with pytest.raises(StampError, match="has 8 'train' images.*needs 9"):
         ClassPool(dataset).get(0, 9)

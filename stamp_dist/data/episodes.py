@@ -75,10 +75,9 @@ class ClassPool:
         count = self.manifest.split(self.split).counts[label]
         keep = min(count, self.buffer_size)
         subset = np.random.default_rng([self.seed, label, fill])
-        # Pick indices first, then stream the shards once.
+        # Pick indices first, then stream the shards once, decoding only the chosen images.
         chosen = set(subset.choice(count, size=keep, replace=False).tolist()) if keep < count else None
-        images = [arr for i, arr in enumerate(iter_class(self.root, self.manifest, self.split, label))
-                  if chosen is None or i in chosen]
+        images = list(iter_class(self.root, self.manifest, self.split, label, chosen))
         return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
     def get(self, label: int, n: int) -> torch.Tensor:

@@ -107,8 +107,10 @@ def _check_label(manifest: Manifest, label: int) -> None:
         raise StampError(f"class id {label} is outside the dataset's {manifest.num_classes} classes")
 
 
-def iter_class(root: str | Path, manifest: Manifest, split: str, label: int) -> Iterator[np.ndarray]:
-    """Every image of one class, in shard order, as HWC uint8 arrays (checked against the manifest)."""
+def iter_class(root: str | Path, manifest: Manifest, split: str, label: int,
+               only: set[int] | None = None) -> Iterator[np.ndarray]:
+    """Every image of one class (or those at the indices ``only``), in shard order, as HWC uint8 arrays
+    (checked against the manifest). Images outside ``only`` are read but not decoded: decoding is the cost."""
     root = Path(root)
     _check_label(manifest, label)
     info = manifest.split(split)
@@ -121,11 +123,13 @@ def iter_class(root: str | Path, manifest: Manifest, split: str, label: int) -> 
                     f"{root / rel}: sample '{key}' has label {got} but the shard holds class {label}; "
                     "re-create the dataset"
                 )
+            n += 1
+            if only is not None and n - 1 not in only:
+                continue
             arr = decode_image(key, sample, str(root / rel))
             if arr.shape != size:
                 raise StampError(f"{root / rel}: image '{key}' is {arr.shape[1]}×{arr.shape[0]}, the manifest says "
                                  f"{manifest.image_size}×{manifest.image_size}; re-create the dataset")
-            n += 1
             yield arr
     if n != info.counts[label]:
         raise StampError(
