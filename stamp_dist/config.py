@@ -38,6 +38,8 @@ class DataConfig:
     demo_classes: int = 64  # synthetic reference classes (the demo also holds out 16 more as a target)
     demo_train_per_class: int = 200
     demo_test_per_class: int = 50
+    # Fractal classes (random iterated function systems, FractalDB-style) added to the synthetic reference.
+    demo_fractal_classes: int = 0
     # Fashion-MNIST's IDX files (Debian's dataset-fashion-mnist puts them here): the demo's second real
     # target, written where they exist; "" leaves it out.
     fashion_mnist: str = "/usr/share/datasets/fashion-mnist"

@@ -2,7 +2,8 @@
 
 ``make_demo_data(out, data_cfg)`` writes, as per-class shard datasets::
 
-    out/reference                    synthetic: ``demo_classes`` classes, shape × texture × colour
+    out/reference                    synthetic: ``demo_classes`` classes, shape × texture × colour, plus
+                                     ``demo_fractal_classes`` fractal classes (data/fractals.py) when set
     out/targets/synthetic_heldout    synthetic: 16 classes of two shapes the reference never shows
     out/targets/digits               real: scikit-learn's ``load_digits`` (8×8 → 32×32), 1,500/297 split
     out/targets/fashion_mnist        real: Fashion-MNIST (28×28 → 32×32), 500 train / 100 test images per class,
@@ -20,7 +21,10 @@ from __future__ import annotations
 
 import time
 import zlib
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -29,6 +33,7 @@ from ..atomic import atomic_dir, read_json, write_json
 from ..errors import StampError
 from ..progress import progress
 from .convert import IDX_FILES, has_idx, idx_split
+from .fractals import IFS, IMAGE_JITTER, SPECIES_JITTER, SPECIES_PER_GENUS, attractor_points, make_genera, perturb, splat
 from .manifest import Manifest
 from .shards import PerClassShardWriter
 
@@ -100,7 +105,7 @@ def _hsv_to_rgb(h, s, v):
 
 def _texture(name: str, x, y, rng, n):
     """Where the second (dark) texture colour shows, as a bool mask; x, y in object pixels."""
-    r = lambda lo, hi: rng.uniform(lo, hi, (n, 1, 1)).astype(np.float32)  # noqa: E731 — one draw per image
+    r = _draws(rng, n)
     if name == "flat":
         return np.zeros(x.shape, dtype=bool)
     if name == "striped":
@@ -128,9 +133,8 @@ def render_class(combo: tuple[str, str, str], n: int, rng: np.random.Generator) 
     Masks (shape, texture, clutter) are drawn on a 2× supersampled grid and averaged to coverage
     (anti-aliasing); colours are composited at the output size."""
     colour, texture, shape = combo
-    r = lambda lo, hi: rng.uniform(lo, hi, (n, 1, 1)).astype(np.float32)  # noqa: E731 — one draw per image
-    pix = ((np.arange(2 * IMAGE_SIZE) + 0.5) / 2).astype(np.float32)  # supersample centres, in output pixels
-    gy, gx = np.meshgrid(pix, pix, indexing="ij")
+    r = _draws(rng, n)
+    gy, gx = _grid()
 
     # Pose: radius in pixels, stretch, rotation, centre kept mostly inside the image.
     radius, stretch, angle = r(7.0, 12.0), r(0.85, 1.15), r(0, 2 * np.pi)
@@ -143,7 +147,30 @@ def render_class(combo: tuple[str, str, str], n: int, rng: np.random.Generator) 
     alpha = _coverage(inside)
     dark = _coverage(inside & _texture(texture, px, py, rng, n))
 
-    # Background: a dull colour with a linear light gradient, under a few small bright blobs.
+    img = _background(n, rng, gx, gy)
+
+    # Foreground: a hue from the colour family; the texture is a darker shade of the same hue.
+    lo, hi = COLOURS[colour]
+    fg = _hsv_to_rgb(r(lo, hi), r(0.65, 1.0), r(0.65, 1.0))
+    img = img * (1 - alpha) + fg * (alpha - r(0.55, 0.75)[..., None] * dark)
+
+    return _with_noise(img, rng)
+
+
+def _draws(rng: np.random.Generator, n: int):
+    """``r(lo, hi)``: one uniform draw per image, shaped to broadcast over ``[n, H, W]``."""
+    return lambda lo, hi: rng.uniform(lo, hi, (n, 1, 1)).astype(np.float32)
+
+
+def _grid() -> tuple[np.ndarray, np.ndarray]:
+    """Supersample centres (2× per axis), in output pixels: ``gy, gx`` of shape ``[64, 64]``."""
+    pix = ((np.arange(2 * IMAGE_SIZE) + 0.5) / 2).astype(np.float32)
+    return np.meshgrid(pix, pix, indexing="ij")
+
+
+def _background(n: int, rng: np.random.Generator, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
+    """A dull colour with a linear light gradient, under a few small bright blobs: ``[n, 32, 32, 3]``."""
+    r = _draws(rng, n)
     out_pix = np.arange(IMAGE_SIZE, dtype=np.float32) + 0.5 - IMAGE_SIZE / 2
     slope_x, slope_y = r(-0.5, 0.5) / IMAGE_SIZE, r(-0.5, 0.5) / IMAGE_SIZE
     light = 1 + slope_x * out_pix[None, None, :] + slope_y * out_pix[None, :, None]
@@ -152,26 +179,67 @@ def render_class(combo: tuple[str, str, str], n: int, rng: np.random.Generator) 
         bx, by, br = r(0, IMAGE_SIZE), r(0, IMAGE_SIZE), r(1.0, 2.5)
         blob = _coverage((gx - bx) ** 2 + (gy - by) ** 2 <= br**2)
         img = img * (1 - blob) + _hsv_to_rgb(r(0, 1), r(0.3, 1), r(0.3, 1)) * blob
+    return img
 
-    # Foreground: a hue from the colour family; the texture is a darker shade of the same hue.
-    lo, hi = COLOURS[colour]
-    fg = _hsv_to_rgb(r(lo, hi), r(0.65, 1.0), r(0.65, 1.0))
-    img = img * (1 - alpha) + fg * (alpha - r(0.55, 0.75)[..., None] * dark)
 
-    img = img + rng.standard_normal(img.shape, dtype=np.float32) * r(0.01, 0.06)[..., None]
+def _with_noise(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per-image Gaussian pixel noise, then uint8."""
+    img = img + rng.standard_normal(img.shape, dtype=np.float32) * _draws(rng, len(img))(0.01, 0.06)[..., None]
     return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
 
 
-def _class_rng(seed: int, combo: tuple[str, str, str], split: str) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32("/".join([*combo, split]).encode())])
+def render_fractal(species: IFS, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` images of one fractal class (``species``: its IFS) as uint8 ``[n, 32, 32, 3]``.
+
+    Each image perturbs the maps slightly and draws its pose, a foreground of any hue (colour says
+    nothing about a fractal class), the shape classes' background and noise."""
+    r = _draws(rng, n)
+    points = attractor_points(perturb(species, IMAGE_JITTER, rng, n), rng)
+    radius, angle = rng.uniform(9.0, 15.0, n), rng.uniform(0, 2 * np.pi, n)
+    centre = IMAGE_SIZE / 2 + rng.uniform(-0.5, 0.5, (n, 2)) * (IMAGE_SIZE / 2 - radius[:, None])
+    alpha = splat(points, radius, angle, centre, IMAGE_SIZE)
+    gy, gx = _grid()
+    img = _background(n, rng, gx, gy)
+    fg = _hsv_to_rgb(r(0, 1), r(0.3, 1.0), r(0.7, 1.0))
+    return _with_noise(img * (1 - alpha) + fg * alpha, rng)
 
 
-def _write_synthetic(root: Path, combos: list, seed: int, per_split: dict[str, int], bar) -> Manifest:
-    writer = PerClassShardWriter(root, [class_name(c) for c in combos], IMAGE_SIZE,
-                                 source=f"synthetic shapes (stamp_dist.data.demo v{GENERATOR_VERSION}, seed {seed})")
-    for label, combo in enumerate(combos):
+def _class_rng(seed: int, key: tuple[str, ...], split: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32("/".join([*key, split]).encode())])
+
+
+@dataclass(frozen=True)
+class SyntheticClass:
+    """One synthetic class: its name, the key that seeds its image stream, and how to draw ``n`` images."""
+    name: str
+    key: tuple[str, ...]
+    render: Callable[[int, np.random.Generator], np.ndarray]
+
+
+def shape_classes(combos: list[tuple[str, str, str]]) -> list[SyntheticClass]:
+    return [SyntheticClass(class_name(c), c, partial(render_class, c)) for c in combos]
+
+
+def fractal_classes(count: int, seed: int) -> list[SyntheticClass]:
+    """``count`` fractal classes named ``ifs<genus>-<species letter>``, ``SPECIES_PER_GENUS`` per genus: with
+    ``meta.task_families: name_tokens`` a genus is a fine-grained family, a species letter a coarse one."""
+    genera = make_genera(-(-count // SPECIES_PER_GENUS), np.random.default_rng([seed, zlib.crc32(b"ifs-genera")]))
+    classes = []
+    for i in range(count):
+        g, s = divmod(i, SPECIES_PER_GENUS)
+        species = perturb(genera[g], SPECIES_JITTER, np.random.default_rng([seed, g, s]))
+        name = f"ifs{g:02d}-{chr(ord('a') + s)}"
+        classes.append(SyntheticClass(name, (name,), partial(render_fractal, species)))
+    return classes
+
+
+def _write_synthetic(root: Path, classes: list[SyntheticClass], seed: int, per_split: dict[str, int], bar) -> Manifest:
+    writer = PerClassShardWriter(root, [c.name for c in classes], IMAGE_SIZE,
+                                 source=f"synthetic shapes and fractals (stamp_dist.data.demo v{GENERATOR_VERSION}, "
+                                        f"seed {seed})")
+    for label, cls in enumerate(classes):
         for split, n in per_split.items():
-            for image in render_class(combo, n, _class_rng(seed, combo, split)):
+            for image in cls.render(n, _class_rng(seed, cls.key, split)):
                 writer.add(split, label, image)
             bar.update(n)
     return writer.finish()
@@ -264,9 +332,12 @@ LAYOUT_REAL = {"fashion_mnist": "targets/fashion_mnist"}
 
 
 def _demo_key(data_cfg) -> dict:
-    return {"generator_version": GENERATOR_VERSION, "seed": int(data_cfg.seed),
-            "demo_classes": int(data_cfg.demo_classes), "demo_train_per_class": int(data_cfg.demo_train_per_class),
-            "demo_test_per_class": int(data_cfg.demo_test_per_class)}
+    key = {"generator_version": GENERATOR_VERSION, "seed": int(data_cfg.seed),
+           "demo_classes": int(data_cfg.demo_classes), "demo_train_per_class": int(data_cfg.demo_train_per_class),
+           "demo_test_per_class": int(data_cfg.demo_test_per_class)}
+    # Only when used, so directories made before fractal classes existed keep their key.
+    fractals = int(data_cfg.demo_fractal_classes)
+    return key | ({"demo_fractal_classes": fractals} if fractals else {})
 
 
 def make_demo_data(out: str | Path, data_cfg) -> dict[str, Path]:
@@ -291,15 +362,16 @@ def make_demo_data(out: str | Path, data_cfg) -> dict[str, Path]:
 
     t0 = time.perf_counter()
     per_split = {"train": key["demo_train_per_class"], "test": key["demo_test_per_class"]}
-    synthetic = (key["demo_classes"] + len(HELDOUT_COMBOS)) * sum(per_split.values())
+    reference = (shape_classes(REFERENCE_COMBOS[: key["demo_classes"]])
+                 + fractal_classes(key.get("demo_fractal_classes", 0), key["seed"]))
+    synthetic = (len(reference) + len(HELDOUT_COMBOS)) * sum(per_split.values())
     # all or nothing: an interrupted run leaves no ``out``
     with atomic_dir(out, overwrite=True) as tmp, progress(total=synthetic, desc="synthetic images", unit="img",
                                                           unit_scale=True) as bar:
         manifests = {
-            "reference": _write_synthetic(tmp / LAYOUT["reference"], REFERENCE_COMBOS[: key["demo_classes"]],
-                                          key["seed"], per_split, bar),
-            "synthetic_heldout": _write_synthetic(tmp / LAYOUT["synthetic_heldout"], HELDOUT_COMBOS, key["seed"],
-                                                  per_split, bar),
+            "reference": _write_synthetic(tmp / LAYOUT["reference"], reference, key["seed"], per_split, bar),
+            "synthetic_heldout": _write_synthetic(tmp / LAYOUT["synthetic_heldout"], shape_classes(HELDOUT_COMBOS),
+                                                  key["seed"], per_split, bar),
             "digits": _write_digits(tmp / LAYOUT["digits"], key["seed"]),
         }
         write_json(tmp / "demo.json", key)
