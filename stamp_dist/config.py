@@ -8,6 +8,7 @@ outside the allowed choices) into a ``StampError`` naming the key and the valid 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -23,7 +24,10 @@ from .ranges import check_numbers
 # train-then-prune, gates learned on the target (pruning/gates.py) and STAMP.
 METHODS = ("dense", "random", "l1", "snip", "grasp", "synflow", "taylor", "magnitude", "train_prune",
            "learn_gates", "stamp")
-BACKBONES = ("convnet", "resnet20", "resnet56", "resnet18", "resnet50", "vgg19_bn")
+BACKBONES = ("convnet", "resnet20", "resnet56", "resnet18", "resnet50", "vgg19_bn", "mobilenet_v2",
+             "mobilenet_v2_cifar")
+# model.backbone may also name a factory of the user's own network: "package.module:function"
+_FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 ALLOCATIONS = ("learned", "uniform")  # prune.allocation: pruning/hardmask.py
 TASK_TRANSFORMS = ("gray", "invert", "lowres")  # meta.task_transforms: data/transforms.py
 CHANNEL_STATS = ("activity", "fisher", "taylor", "redundancy")  # meta.stats: meta/set_inputs.py
@@ -47,8 +51,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # a name in BACKBONES or "package.module:function" (a function returning your nn.Module; README)
     backbone: str = "resnet20"
-    width: int = 16  # base width of the CIFAR ResNets and the ConvNet
+    width: int = 16  # base width of the CIFAR ResNets, the ConvNet and MobileNetV2-CIFAR
+    # a state dict to start pretraining from (torchvision-format: torch.save of state_dict(), or
+    # .safetensors), loaded strictly; "" = random initialisation
+    weights: str = ""
 
 
 @dataclass
@@ -232,8 +240,12 @@ class StampConfig:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
+def is_factory(backbone: str) -> bool:
+    """Whether ``backbone`` has the form of a factory, ``package.module:function`` (not whether it imports)."""
+    return _FACTORY.fullmatch(backbone) is not None
+
+
 CHOICES: dict[str, Sequence[Any]] = {
-    "model.backbone": BACKBONES,
     "meta.prior": ("bernoulli", "beta_bernoulli", "none"),
     "meta.allocation": ALLOCATIONS,
     "prune.allocation": (None, *ALLOCATIONS),
@@ -265,6 +277,10 @@ def _explain(e: OmegaConfBaseException, source: str) -> StampError:
 
 def validate(cfg: StampConfig | DictConfig) -> None:
     check_numbers(cfg)  # every numeric key's range: ranges.py
+    if cfg.model.backbone not in BACKBONES and not is_factory(cfg.model.backbone):
+        # only the form: importing the factory would import torch and the user's code on every config load
+        raise StampError(f"config key 'model.backbone' is {cfg.model.backbone!r}; valid choices: "
+                         f"{', '.join(BACKBONES)}, or your own network as package.module:function")
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:

@@ -25,6 +25,7 @@ from .data.readers import Normalization, load_split
 from .errors import StampError
 from .integrity import HASH_KEY, load_tensors, save_tensors
 from .models.backbones import Backbone, build_backbone
+from .pruning import check_prunable, discover_groups
 from .records import check_record
 from .training import fit, pick_device
 
@@ -38,7 +39,13 @@ def _run_key(cfg) -> dict:
         raise StampError(f"reference dataset {cfg.data.reference} not found (no {MANIFEST}); "
                          "create it with `stamp data demo` or `stamp data convert`")
     p = to_dict(cfg.pretrain)
-    return {"backbone": cfg.model.backbone, "width": cfg.model.width,
+    weights = Path(cfg.model.weights) if cfg.model.weights else None
+    if weights is not None and not weights.is_file():
+        raise StampError(f"model.weights: {weights} not found; give a state dict file, or model.weights='' to start "
+                         "from random weights")
+    # the starting weights only when given, so the runs made before model.weights keep their key
+    start = {"weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()} if weights else {}
+    return {"backbone": cfg.model.backbone, "width": cfg.model.width, **start,
             "reference_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
             **{k: p[k] for k in ("batch_size", "lr", "momentum", "weight_decay", "seed", "augment")}}
 
@@ -69,7 +76,11 @@ def pretrain(cfg) -> Path:
     norm = Normalization.of(manifest)
     train, test = (x, y, norm), (tx, ty, norm)
     torch.manual_seed(pc.seed)  # the initial weights
-    model = build_backbone(cfg.model.backbone, manifest.num_classes, width=cfg.model.width)
+    model = build_backbone(cfg.model.backbone, manifest.num_classes, cfg.model.width, manifest.image_size,
+                           cfg.model.weights or None)
+    # a network the pruning code cannot follow fails here, before any training or output
+    size = (1, 3, manifest.image_size, manifest.image_size)
+    check_prunable(model, discover_groups(model, torch.zeros(size)))
     print(f"pretraining {cfg.model.backbone} on {cfg.data.reference}: {manifest.num_classes} classes, "
           f"{len(train[1])} train / {len(test[1])} held-out images, {pc.epochs} epochs on {device}")
 
@@ -109,8 +120,8 @@ def load_backbone(directory: str | Path, fix: str = "re-run `stamp pretrain`") -
     meta = read_json(directory / META, "backbone record")
     check_record(meta, REQUIRED, directory / META, fix)
     try:
-        model = build_backbone(meta["backbone"], meta["num_classes"], width=meta["width"])
-    except (ValueError, RuntimeError) as e:
+        model = build_backbone(meta["backbone"], meta["num_classes"], meta["width"], meta["image_size"])
+    except (StampError, RuntimeError) as e:
         raise StampError(f"{directory / META}: {e}; {fix}") from None
     state = load_tensors(directory / WEIGHTS, "backbone weights", meta.get(HASH_KEY), fix)
     try:

@@ -46,7 +46,7 @@ def run_exported(path, fmt, x):
 
 
 @pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("torch.export", ".pt2")])
-@pytest.mark.parametrize("name", ["convnet", "resnet20", "resnet18",
+@pytest.mark.parametrize("name", ["convnet", "resnet20", "resnet18", "mobilenet_v2_cifar",
                                   pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_export_equals_pytorch_at_another_batch_size(tmp_path, capsys, name, fmt, suffix):
     model_dir, pruned = pruned_artifact(tmp_path / "pruned", name, width=16 if name == "resnet50" else 8)

@@ -63,10 +63,10 @@ def test_deterministic_and_mode_preserved():
 def test_calls_record_groups_of_every_layer():
     model = build_backbone("convnet", 10, width=8)
     groups = discover_groups(model, X)
-    calls = {c.name: (c.in_group, c.out_group) for c in groups.calls}
-    assert calls["features.0"] == (None, 0)  # the image is fixed, the conv's output is group 0
-    assert calls["features.4"] == (0, 1)
-    assert calls["fc"] == (3, None)  # the head's out-features are fixed
+    calls = {c.name: (c.inputs, c.outputs) for c in groups.calls}
+    assert calls["features.0"] == (((None, 3),), ((0, 8),))  # the image is fixed, the conv's output is group 0
+    assert calls["features.4"] == (((0, 8),), ((1, 16),))
+    assert calls["fc"] == (((3, 32),), ((None, 10),))  # the head's out-features are fixed
 
 
 def test_frozen_model_has_the_same_groups():

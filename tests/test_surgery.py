@@ -16,10 +16,10 @@ from stamp_dist.pruning import (CostModel, PruningSpec, budget_mask, discover_gr
 X = torch.zeros(1, 3, 32, 32)
 
 
-def _trained_looking(name, **kw):
-    """A backbone in eval mode with non-trivial BN statistics and shifts (so a mask placed before a
-    BN, or a missed coupled layer, would show in the output)."""
-    model = build_backbone(name, 10, **kw)
+def _trained_looking(name, width=16):
+    """A backbone (a name, factory or module) in eval mode with non-trivial BN statistics and shifts (so
+    a mask placed before a BN, or a missed coupled layer, would show in the output)."""
+    model = build_backbone(name, 10, width)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.weight.data.uniform_(0.5, 1.5)

@@ -96,6 +96,10 @@ class Env:
                 "meta.q_query=2", "meta.val_tasks=1", "meta.val_classes=3", "meta.encoder_dim=16",
                 "meta.encoder_heads=2", "meta.encoder_inducing=4", "meta.generator_hidden=16", *extra]
 
+    def pretrain(self, *extra) -> list[str]:
+        return ["pretrain", "runtime.device=cpu", "pretrain.epochs=1", f"data.reference={self.run}/data/reference",
+                f"pretrain.out={self.tmp}/pretrain", *extra]
+
     def generator_version(self, name="gen") -> Path:
         return self.copy(resolve(self.generator), name)
 
@@ -224,7 +228,52 @@ def _out_under_a_file(command: str):
     return make
 
 
+def _user_backbone(source: str):
+    """`stamp pretrain` on a factory in a file of the user's (the test puts ``work`` on sys.path)."""
+    def make(env: Env) -> list[str]:
+        (env.tmp / "user_net_bad.py").write_text(source)
+        return env.pretrain("model.backbone=user_net_bad:make")
+    return make
+
+
+_BRANCHY = """
+import torch.nn as nn
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.a(x)
+        x = self.b(x) if x.amax() > 1e6 else self.c(x)
+        return self.head(x.mean((2, 3)))
+
+def make():
+    return Branchy()
+"""
+
+
+def _weights_of_another_architecture(env: Env) -> list[str]:
+    import torch
+
+    from stamp_dist.models.backbones import build_backbone
+
+    torch.save(build_backbone("resnet20", 10, width=8).state_dict(), env.tmp / "resnet20.pth")
+    return env.pretrain("model.backbone=convnet", "model.width=8", f"model.weights={env.tmp}/resnet20.pth")
+
+
 CASES = {
+    # issue 14: bring your own network
+    "backbone_without_colon": (lambda env: env.pretrain("model.backbone=mynet"),
+                               ["model.backbone", "package.module:function"]),
+    "factory_module_missing": (lambda env: env.pretrain("model.backbone=nosuchmod:f"), ["nosuchmod", "PYTHONPATH"]),
+    "factory_function_missing": (lambda env: env.pretrain("model.backbone=os:nosuchfn"), ["'os'", "nosuchfn"]),
+    "factory_untraceable": (_user_backbone(_BRANCHY), ["layer 'body.b' does not run", "control flow"]),
+    "weights_of_another_architecture": (_weights_of_another_architecture,
+                                        ["model.weights", "resnet20.pth", "ConvNet", "missing"]),
+    "weights_missing": (lambda env: env.pretrain(f"model.weights={env.tmp}/none.pth"), ["none.pth", "not found"]),
     # defect 5: sizes and label ranges checked before anything is allocated
     "npz_label_1e9": (_convert("numpy", _npz_big_label), ["label 1000000000", "fix the labels"]),
     "tar_cls_1e9": (_convert("wds", _tar_big_label), ["1000000000", "labels must be 0..C-1"]),
@@ -291,10 +340,12 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_exits_2_with_an_error_line_and_leaves_nothing(case, tiny_run, tiny_generator, pruned, tmp_path,
-                                                                 capsys):
+                                                                 capsys, monkeypatch):
     make, words = CASES[case]
     work = tmp_path / "work"
     work.mkdir()
+    monkeypatch.syspath_prepend(str(work))  # where a case writes its own network's module
+    monkeypatch.setattr("sys.dont_write_bytecode", True)  # importing it writes nothing
     # The swapped-backbone case copies another backbone (a different width) over the generator's.
     from stamp_dist.models.backbones import build_backbone
 

@@ -1,4 +1,4 @@
-"""Backbones defined in-project (torchvision is unusable here; see DESIGN.md §5).
+"""Backbones: defined in-project (torchvision is unusable here; see DESIGN.md §5) or brought by the user.
 
 Every backbone exposes the same small interface used by pruning and meta-learning:
 
@@ -6,17 +6,29 @@ Every backbone exposes the same small interface used by pruning and meta-learnin
 * ``fc``: the final ``nn.Linear`` classifier (excluded from pruning, replaced per target)
 * ``feature_dim``
 
-ResNet-18/50 use torchvision's module names (``conv1``, ``layer1.0.downsample.0``, ``fc`` …) so a
-torchvision state dict loads with ``strict=True``.
+ResNet-18/50 and MobileNetV2 use torchvision's module names (``conv1``, ``layer1.0.downsample.0``,
+``fc``; ``features.1.conv.0.0``, ``classifier.1`` …) so a torchvision state dict loads with ``strict=True``.
+
+Any other network (``model.backbone`` = ``package.module:function``, or an ``nn.Module`` in Python)
+gets that interface from :func:`as_backbone`: its last ``nn.Linear`` in forward order is the head, and
+the network's output must be that layer's output on a ``[B, F]`` feature tensor (checked by running it).
 """
 
 from __future__ import annotations
 
 import abc
+import copy
+import importlib
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
+
+from ..config import is_factory
+from ..errors import StampError
+from .mobilenet import MobileNetV2
 
 
 class Backbone(nn.Module, abc.ABC):
@@ -213,22 +225,165 @@ class ConvNet(Backbone):
         return torch.flatten(self.avgpool(self.features(x)), 1)
 
 
-_BUILDERS: dict[str, Callable[..., Backbone]] = {
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "convnet": lambda num_classes, width=16: ConvNet(num_classes, width),
     "resnet20": lambda num_classes, width=16: CifarResNet(20, num_classes, width),
     "resnet56": lambda num_classes, width=16: CifarResNet(56, num_classes, width),
     "resnet18": lambda num_classes, width=None: ResNet(BasicBlock, [2, 2, 2, 2], num_classes),
     "resnet50": lambda num_classes, width=None: ResNet(Bottleneck, [3, 4, 6, 3], num_classes),
     "vgg19_bn": lambda num_classes, width=None: VGG(_VGG19, num_classes),
+    "mobilenet_v2": lambda num_classes, width=None: MobileNetV2(num_classes),
+    # width = the stem's channels (torchvision's 32 = width_mult 1.0, whose weights then load strictly)
+    "mobilenet_v2_cifar": lambda num_classes, width=16: MobileNetV2(num_classes, width / 32, small_input=True),
 }
 
 
-def build_backbone(name: str, num_classes: int, width: int = 16) -> Backbone:
-    """Build a backbone by name (``stamp_dist.config.BACKBONES``). ``width`` applies to the CIFAR
-    ResNets and the ConvNet; the ImageNet ResNets and VGG have fixed widths."""
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(_BUILDERS)}")
-    return _BUILDERS[name](num_classes, width)
+def build_backbone(backbone: str | nn.Module, num_classes: int, width: int = 16, image_size: int = 32,
+                   weights: str | Path | None = None) -> Backbone:
+    """A backbone with a ``num_classes`` head: by name (``stamp_dist.config.BACKBONES``; ``width`` applies
+    to the CIFAR ResNets, the ConvNet and MobileNetV2-CIFAR), by a factory ``package.module:function``
+    (called without arguments) or from an ``nn.Module`` (copied). ``weights``: a state dict for the
+    network as built, loaded strictly before the head is replaced (:func:`load_weights`).
+    ``image_size``: what :func:`as_backbone` checks a network without the Backbone interface on."""
+    if isinstance(backbone, nn.Module):
+        net = copy.deepcopy(backbone)
+    elif backbone in _BUILDERS:
+        net = _BUILDERS[backbone](num_classes, width)
+    elif isinstance(backbone, str) and is_factory(backbone):
+        net = _call_factory(backbone)
+    else:
+        raise StampError(f"unknown backbone {backbone!r}; choose one of {', '.join(_BUILDERS)}, or give a "
+                         "factory as package.module:function")
+    if weights is not None:
+        load_weights(net, weights, image_size)
+    model = as_backbone(net, image_size)
+    if model.fc.out_features != num_classes:
+        replace_head(model, num_classes)
+    return model
+
+
+def _call_factory(spec: str) -> nn.Module:
+    """``package.module:function`` imported and called; every failure is a StampError naming the fix."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or whatever the module raises while it is imported
+        raise StampError(f"backbone factory {spec!r}: cannot import {module_name!r} ({type(e).__name__}: {e}); "
+                         "put the folder holding it on PYTHONPATH or install its package") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise StampError(f"backbone factory {spec!r}: module {module_name!r} has no function {attr!r}")
+    try:
+        net = factory()
+    except Exception as e:
+        raise StampError(f"backbone factory {spec!r} raised {type(e).__name__}: {e}; it must build the "
+                         "network without arguments") from None
+    if not isinstance(net, nn.Module):
+        raise StampError(f"backbone factory {spec!r} returned a {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
+class WrappedNetwork(Backbone):
+    """A network without the Backbone interface: ``fc`` is its head, ``body`` the rest (the head
+    replaced by ``nn.Identity``), whose output is the features."""
+
+    def __init__(self, body: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.body, self.fc = body, head
+        self.feature_dim = head.in_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def as_backbone(net: nn.Module, image_size: int = 32) -> Backbone:
+    """``net`` itself if it is a Backbone, else ``net`` wrapped (and its head swapped out) as a
+    :class:`WrappedNetwork`. Raises StampError unless its output is its last ``nn.Linear``'s output on
+    pooled features, checked on a random ``[2, 3, image_size, image_size]`` batch in eval mode."""
+    if isinstance(net, Backbone):
+        return net
+    x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    name, inputs, want = _head_calls(net, x)
+    head = net.get_submodule(name)
+    what = f"{type(net).__name__}'s last nn.Linear {name!r}"
+    if len(inputs) != 1 or len(inputs[0]) != 2:
+        raise StampError(f"{what} is called {len(inputs)} time(s) on input {inputs}: the head must be called once, "
+                         "on pooled features [batch, features]; end the network with one nn.Linear classifier")
+    net.set_submodule(name, nn.Identity())
+    model = WrappedNetwork(net, head)
+    got = _eval_forward(model, x)
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+        net.set_submodule(name, head)
+        raise StampError(f"{type(net).__name__}'s output is not the output of its last nn.Linear {name!r} (an op "
+                         "after it?); end the network with the nn.Linear classifier, or subclass "
+                         "stamp_dist.models.backbones.Backbone")
+    return model
+
+
+def _head_calls(net: nn.Module, x: torch.Tensor) -> tuple[str, list[tuple[int, ...]], torch.Tensor]:
+    """The last ``nn.Linear`` called in ``net``'s forward, the input shapes of its calls, and the output."""
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: calls.append((n, tuple(i[0].shape))))
+             for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        out = _eval_forward(net, x)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not calls:
+        raise StampError(f"{type(net).__name__} calls no nn.Linear: STAMP needs a classifier head; end the "
+                         "network with an nn.Linear on pooled features")
+    name = calls[-1][0]
+    return name, [shape for n, shape in calls if n == name], out
+
+
+@torch.no_grad()
+def _eval_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    was_training = net.training
+    try:
+        out = net.eval()(x)
+    except Exception as e:
+        raise StampError(f"{type(net).__name__} fails on a {list(x.shape)} batch ({type(e).__name__}: {e}); "
+                         "check model.backbone and the image size") from None
+    finally:
+        net.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise StampError(f"{type(net).__name__} returns a {type(out).__name__}; it must return the logits tensor")
+    return out
+
+
+def load_weights(net: nn.Module, path: str | Path, image_size: int = 32) -> None:
+    """Load a state dict (``torch.save`` of ``state_dict()``, read with ``weights_only=True``, or
+    ``.safetensors``) into ``net`` with ``strict=True``: every name and shape must match, except the
+    head's number of classes, which follows the file (the head is replaced for the task anyway)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StampError(f"model.weights: {path} not found")
+    try:
+        state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
+                                                                                 weights_only=True)
+    except Exception as e:
+        raise StampError(f"model.weights: {path} is not a state dict torch can read safely ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); save one with "
+                         "torch.save(model.state_dict(), path)") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise StampError(f"model.weights: {path} is not a flat state dict (parameter name → tensor); save "
+                         "model.state_dict(), not a training checkpoint")
+    name = "fc" if isinstance(net, Backbone) else _head_calls(net, torch.zeros(1, 3, image_size, image_size))[0]
+    head, file_head = net.get_submodule(name), state.get(f"{name}.weight")
+    if file_head is not None and file_head.dim() == 2 and file_head.shape[0] != head.out_features:
+        net.set_submodule(name, nn.Linear(head.in_features, file_head.shape[0], head.bias is not None))
+    own = net.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [f"{k} {list(state[k].shape)} (needs {list(own[k].shape)})" for k in own
+             if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        problems = [f"{len(v)} {what} ({', '.join(v[:3])}{', …' if len(v) > 3 else ''})" for what, v in
+                    (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong)) if v]
+        raise StampError(f"model.weights: {path} is not a state dict of this {type(net).__name__}: "
+                         f"{'; '.join(problems)}; give the weights of this architecture (torchvision's names), "
+                         "or the model.backbone they were saved from")
+    net.load_state_dict(state, strict=True)
 
 
 def replace_head(model: Backbone, num_classes: int) -> Backbone:

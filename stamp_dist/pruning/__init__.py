@@ -5,9 +5,9 @@ from .hardmask import budget_mask
 from .macs import CostModel
 from .masking import masked
 from .spec import GroupSpec, PruningSpec, load_pruned, save_pruned
-from .surgery import keep_indices, prune_model
+from .surgery import check_prunable, keep_indices, prune_model
 
 __all__ = [
     "ChannelGroups", "CostModel", "Group", "GroupSpec", "LayerCall", "PruningSpec", "budget_mask",
-    "discover_groups", "keep_indices", "load_pruned", "masked", "prune_model", "save_pruned",
+    "check_prunable", "discover_groups", "keep_indices", "load_pruned", "masked", "prune_model", "save_pruned",
 ]

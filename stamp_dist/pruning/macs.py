@@ -1,10 +1,12 @@
 """Exact MACs and parameter counts as differentiable functions of the per-group keep vectors.
 
 Every cost term of the network is ``coef · n_a · n_b`` where ``n_g`` is the number of channels kept
-in group ``g`` (a conv: k² · H_out · W_out · n_in · n_out), or has one such factor (BN, ReLU, pooling)
-or none (fixed layers). With soft keeps ``n_g = Σ keep_g`` and the result is the expected cost under
-independent Bernoulli keeps (exact when a term's two factors come from different groups, which holds
-for every conv of the in-project backbones).
+in group ``g`` (a conv: k² · H_out · W_out · n_in · n_out), or has one such factor (BN, ReLU, pooling, a
+depthwise conv: k² · H_out · W_out · n_out, its in-channels being its out-channels) or none (fixed
+layers, grouped convs). A layer reading a concatenation of groups has one term per part. With soft
+keeps ``n_g = Σ keep_g`` and the result is the expected cost under independent Bernoulli keeps (exact
+when a term's two factors come from different groups, which holds for every conv of the in-project
+backbones).
 
 What is counted matches ``tp.utils.count_ops_and_params`` (batch 1): convs and linears, plus BN
 (2 per element), activations (1 per output element) and pooling (1 per input element), so the
@@ -24,7 +26,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.pooling import _AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd, _AvgPoolNd, _MaxPoolNd
 
 from ..errors import StampError
-from .groups import ChannelGroups
+from .groups import ChannelGroups, Parts
 from .masking import check_masks
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.PReLU, nn.ELU, nn.LeakyReLU)
@@ -65,9 +67,7 @@ class CostModel:
         one = len(groups)  # index of the constant 1 in ``ext``
         macs, params, counted = [], [], set()
         for (name, module, in_shape, out_shape), call in zip(calls, groups.calls):
-            dim = -1 if isinstance(module, nn.Linear) else 1
-            fin = _factor(call.in_group, in_shape, dim, one)
-            fout = _factor(call.out_group, out_shape, dim, one)
+            fin, fout = _factors(call.inputs, one), _factors(call.outputs, one)
             macs += _macs_terms(module, name, fin, fout, in_shape, out_shape, one)
             if name not in counted:  # parameters once per module, MACs once per call
                 params += _param_terms(module, name, fin, fout, one)
@@ -92,53 +92,69 @@ class CostModel:
         return self.params_form(self._counts(keep))
 
 
-def _factor(group: int | None, shape: tuple, dim: int, one: int) -> tuple[int, int]:
-    """A channel-count factor as (index into ext, multiplier): a group's kept count, or fixed."""
-    if group is not None:
-        return group, 1
-    return one, shape[dim] if len(shape) > 1 else 1
+def _factors(parts: Parts, one: int) -> list[tuple[int, int]]:
+    """A tensor's channel count as ``(index into ext, multiplier)`` terms: a group's kept count per
+    group part, the fixed channels as ``(one, count)``."""
+    return [(one, n) if g is None else (g, 1) for g, n in parts]
+
+
+def _fixed(factors: list[tuple[int, int]], one: int) -> int | None:
+    """The channel count if no part is a group, else None."""
+    return sum(c for _, c in factors) if all(i == one for i, _ in factors) else None
 
 
 def _macs_terms(module, name, fin, fout, in_shape, out_shape, one) -> list[tuple]:
     """``(coef, a, b)`` MACs terms of one layer call, as ``tp.utils.count_ops_and_params`` counts."""
-    (a, ca), (b, cb) = fin, fout
     hw_in, hw_out = math.prod(in_shape[2:]), math.prod(out_shape[2:])
+    per_out = [(c, b, one) for b, c in fout]  # one term per out-channel part: coef · n_b
     if isinstance(module, _ConvNd):
         k = math.prod(module.kernel_size)
         if module.groups == 1:
-            terms = [(k * hw_out * ca * cb, a, b)]
+            terms = [(k * hw_out * ca * cb, a, b) for a, ca in fin for b, cb in fout]
         elif module.groups == module.in_channels == module.out_channels:  # depthwise: in == out group
-            terms = [(k * hw_out * cb, b, one)]
+            terms = [(k * hw_out * c, b, o) for c, b, o in per_out]
         else:
-            raise StampError(f"{name}: grouped convolutions other than depthwise are not supported")
-        return terms + ([(hw_out * cb, b, one)] if module.bias is not None else [])
+            terms = [(k * hw_out * _grouped(module, name, fin, fout, one), one, one)]
+        bias = [(hw_out * c, b, o) for c, b, o in per_out] if module.bias is not None else []
+        return terms + bias
     if isinstance(module, nn.Linear):
         rows = math.prod(in_shape[1:-1])  # 1 for [B, features]
-        return [(rows * ca * cb, a, b)] + ([(rows * cb, b, one)] if module.bias is not None else [])
+        terms = [(rows * ca * cb, a, b) for a, ca in fin for b, cb in fout]
+        return terms + ([(rows * c, b, o) for c, b, o in per_out] if module.bias is not None else [])
     if isinstance(module, _BatchNorm):
-        return [((2 if module.affine else 1) * hw_out * cb, b, one)]
+        return [((2 if module.affine else 1) * hw_out * c, b, o) for c, b, o in per_out]
     if isinstance(module, _ACTIVATIONS):
-        return [(hw_out * cb, b, one)]
+        return [(hw_out * c, b, o) for c, b, o in per_out]
     if isinstance(module, _POOLS):
-        return [(hw_in * ca, a, one)]
+        return [(hw_in * c, a, one) for a, c in fin]
     return []
+
+
+def _grouped(module, name, fin, fout, one) -> float:
+    """in/groups · out of a grouped conv, whose channels discovery keeps whole (groups.py)."""
+    cin, cout = _fixed(fin, one), _fixed(fout, one)
+    if cin is None or cout is None:
+        raise StampError(f"{name}: a grouped convolution's channels are in a pruned group")
+    return cin / module.groups * cout
 
 
 def _param_terms(module, name, fin, fout, one) -> list[tuple]:
     """``(coef, a, b)`` parameter-count terms of one layer."""
-    (a, ca), (b, cb) = fin, fout
-    bias = [(cb, b, one)] if getattr(module, "bias", None) is not None else []
+    per_out = [(c, b, one) for b, c in fout]
+    bias = per_out if getattr(module, "bias", None) is not None else []
     if isinstance(module, _ConvNd):
         k = math.prod(module.kernel_size)
         if module.groups == 1:
-            return [(k * ca * cb, a, b)] + bias
-        return [(k * cb, b, one)] + bias  # depthwise (others were rejected by _macs_terms)
+            return [(k * ca * cb, a, b) for a, ca in fin for b, cb in fout] + bias
+        if module.groups == module.in_channels == module.out_channels:  # depthwise
+            return [(k * c, b, o) for c, b, o in per_out] + bias
+        return [(k * _grouped(module, name, fin, fout, one), one, one)] + bias
     if isinstance(module, nn.Linear):
-        return [(ca * cb, a, b)] + bias
+        return [(ca * cb, a, b) for a, ca in fin for b, cb in fout] + bias
     if isinstance(module, _BatchNorm):
-        return [(2 * cb, b, one)] if module.affine else []
+        return [(2 * c, b, o) for c, b, o in per_out] if module.affine else []
     n = sum(p.numel() for p in module.parameters(recurse=False))
-    if n and (a != one or b != one):
+    if n and (_fixed(fin, one) is None or _fixed(fout, one) is None):
         raise StampError(f"{name}: cannot count the parameters of a pruned {type(module).__name__} layer")
     return [(float(n), one, one)] if n else []
 

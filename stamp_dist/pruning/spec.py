@@ -114,8 +114,8 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     fix = f"the pruned model {path} is damaged: copy it again or re-create it with `stamp prune`"
     weights = load_tensors(path / MODEL_FILE, "pruned model weights", spec.weights_sha256, fix)
     try:
-        dense = build_backbone(spec.backbone, spec.num_classes, spec.width)
-    except ValueError as e:
+        dense = build_backbone(spec.backbone, spec.num_classes, spec.width, spec.input_size[1])
+    except StampError as e:
         raise StampError(f"{path / SPEC_FILE}: {e}") from None
     groups = discover_groups(dense, torch.zeros(1, *spec.input_size))
     if [(g.name, g.channels) for g in groups] != [(g.name, g.channels) for g in spec.groups]:

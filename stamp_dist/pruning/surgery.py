@@ -11,7 +11,7 @@ import torch.nn as nn
 from ..errors import StampError
 from ..models.backbones import replace_head
 from .groups import ChannelGroups, build_graph
-from .masking import check_masks
+from .masking import check_masks, masked
 
 
 def keep_indices(mask: torch.Tensor) -> list[int]:
@@ -48,3 +48,34 @@ def prune_model(model: nn.Module, groups: ChannelGroups, keep: Sequence[torch.Te
     # Torch-Pruning re-creates the parameters of pruned layers (trainable) but leaves untouched ones
     # as they were: a frozen source (the meta-learning backbone) would give a half-frozen copy.
     return pruned.requires_grad_(True)
+
+
+@torch.no_grad()
+def check_prunable(model: nn.Module, groups: ChannelGroups) -> None:
+    """Raise StampError unless removing half of every group's channels gives the network that the
+    hard mask computes (on a random batch, eval mode): the test that the dependency graph followed
+    every op, for a network brought by the user (e.g. a channel shuffle by reshapes is not followed).
+    Uses its own random generator, so the global RNG stream is untouched."""
+    keep = [torch.arange(c) % 2 == 0 for c in groups.sizes]
+    p = next(model.parameters())
+    x = torch.randn(2, *groups.input_shape[1:], generator=torch.Generator().manual_seed(0)).to(p)
+    was_training = model.training
+    try:
+        model.eval()
+        with masked(model, groups, [k.to(p) for k in keep]):
+            want = model(x)
+        pruned = prune_model(model, groups, keep).eval()
+        got = pruned(x)
+        diff = float((got - want).abs().max())
+    except StampError:
+        raise
+    except Exception as e:
+        raise StampError(f"{type(model).__name__} breaks when its channel groups are pruned ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}): an op the dependency graph does not follow "
+                         "(a reshape or view of the channel dim?); build that part from layers") from None
+    finally:
+        model.train(was_training)
+    if not diff <= 1e-4 * (1 + float(want.abs().max())):
+        raise StampError(f"{type(model).__name__}: pruning half of every channel group changes its output by {diff:.3g} "
+                         "against the masked network: an op the dependency graph does not follow rearranges channels "
+                         "(a channel shuffle by view/transpose?); build that part from layers")
