@@ -61,7 +61,7 @@ def _cmd_meta_train(args: argparse.Namespace) -> None:
 
 def _cmd_prune(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    from .downstream import prune
+    from .methods import prune
 
     p = cfg.prune
     if args.adapt_steps is not None:

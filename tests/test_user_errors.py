@@ -345,14 +345,14 @@ def test_prune_to_an_unwritable_disk_fails_before_computing(fault, small_disk, t
     """Defect 8 of issue 15: ENOSPC / EROFS failed only after all the compute, with a traceback."""
     import subprocess
 
-    from stamp_dist import downstream
+    from stamp_dist import methods
 
     if fault == "full":
         _fill(small_disk)
     else:
         subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     before = snapshot(small_disk)
-    monkeypatch.setattr(downstream, "load_generator", lambda *a, **k: pytest.fail("computed before checking"))
+    monkeypatch.setattr(methods, "load_generator", lambda *a, **k: pytest.fail("computed before checking"))
     argv = ["prune", "--generator", str(tiny_generator), "--data", str(tiny_run / "data/targets/digits"),
             "--out", str(small_disk / "out"), *TINY]
     assert main(argv) == 2
