@@ -7,6 +7,7 @@ import torch
 import stamp_dist
 from conftest import tiny_config
 from stamp_dist import bench
+from stamp_dist.cli import main
 from stamp_dist.config import METHOD_NAMES, Method
 from stamp_dist.data.readers import Normalization, load_split
 from stamp_dist.errors import StampError
@@ -50,6 +51,19 @@ def test_every_method_writes_a_pruned_model_within_the_budget(method, tiny_run, 
     again, _ = stamp_dist.load_pruned(out)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), again.eval()(x))
+
+
+def test_prune_cli_takes_a_method_and_warns_about_the_generator_it_ignores(tiny_run, tiny_generator, digits,
+                                                                           tmp_path, capsys):
+    argv = ["prune", "--method", "l1", "--generator", str(tiny_generator), "--data", str(digits), "--budget", "0.4",
+            "--out", str(tmp_path / "l1"), "runtime.device=cpu", "prune.samples_per_class=5",
+            f"pretrain.out={tiny_run}/pretrain"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "pruned model (l1)" in captured.out
+    assert "warning: --generator is not used by --method l1; ignored" in captured.err
+    _, spec = stamp_dist.load_pruned(tmp_path / "l1")
+    assert spec.report["method"] == "l1" and spec.report["backbone"] == f"{tiny_run}/pretrain"
 
 
 def test_bench_cache_keys_hold_each_methods_settings(tiny_run, tiny_generator, tmp_path):

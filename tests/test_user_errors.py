@@ -224,6 +224,14 @@ def _out_under_a_file(command: str):
     return make
 
 
+def _without_generator(method: str):
+    def make(env: Env) -> list[str]:
+        argv = env.prune("--method", method)
+        i = argv.index("--generator")
+        return argv[:i] + argv[i + 2:]
+    return make
+
+
 CASES = {
     # defect 5: sizes and label ranges checked before anything is allocated
     "npz_label_1e9": (_convert("numpy", _npz_big_label), ["label 1000000000", "fix the labels"]),
@@ -275,6 +283,11 @@ CASES = {
     "spec_kept_floats": (_first_group(lambda g: {"kept": [float(i) for i in g["kept"]]}), ["kept", "integers"]),
     # defect 10: messages that name the real problem
     "samples_per_class_0": (lambda env: env.prune("prune.samples_per_class=0"), ["prune.samples_per_class"]),
+    # issue 14: `stamp prune --method`
+    "method_unknown": (lambda env: env.prune("--method", "obd"), ["'obd'", "choose one of", "l1"]),
+    "method_stamp_without_generator": (_without_generator("stamp"), ["stamp", "--generator", "another --method"]),
+    "method_l1_backbone_missing": (lambda env: env.prune("--method", "l1", "--backbone", str(env.tmp / "none")),
+                                   [str(Path("work") / "none")]),
     "k_shot_0": (lambda env: env.meta_train("meta.k_shot=0"), ["meta.k_shot"]),
     "q_query_0": (lambda env: env.meta_train("meta.q_query=0"), ["meta.q_query"]),
     "tau_0": (lambda env: env.meta_train("meta.tau=0"), ["meta.tau"]),
