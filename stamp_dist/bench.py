@@ -10,7 +10,7 @@ A *cell* = (target, data regime, seed, method, budget):
   ``prune.samples_per_class`` random images per class of the sample; the new head of every pruned
   model is initialised from that batch's class prototypes. Methods that train before pruning
   (``train_prune``, ``learn_gates``) and every fine-tune use the whole sample.
-* **Methods** (``config.METHODS``): ``dense`` (no pruning: the fine-tuned reference);
+* **Methods** (the registry ``methods.METHODS``): ``dense`` (no pruning: the fine-tuned reference);
   ``random`` / ``l1`` / ``snip`` / ``grasp`` / ``synflow`` / ``taylor`` / ``magnitude``
   (``pruning/baselines.py``; scored on the reference backbone, with a prototype head for the
   target where the score needs the target's loss); ``train_prune`` (fine-tune dense on the sample,
@@ -27,15 +27,15 @@ A *cell* = (target, data regime, seed, method, budget):
   meta-training is a one-off cost shared by every target and is not in any cell.
 
 Each finished cell is one JSON file under ``bench.out/<target>/tpc<N>/`` holding its *key*: the
-settings its result depends on (schedule, backbone fingerprint, generator hash for ``stamp``, gate
-settings for ``learn_gates``). A re-run skips cells whose stored key matches and re-runs the rest,
-so changing the fine-tune epochs or retraining the generator redoes exactly the cells it affects.
+settings its result depends on (schedule, backbone fingerprint, and the method's ``cache_key``: the
+generator hash for ``stamp``, gate settings for ``learn_gates``). A re-run skips cells whose stored key
+matches and re-runs the rest, so changing the fine-tune epochs or retraining the generator redoes
+exactly the cells it affects.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import platform
@@ -46,24 +46,17 @@ from pathlib import Path
 import torch
 
 from .atomic import write_json
-from .config import StampConfig, bench_regimes, to_dict
+from .config import Method, StampConfig, bench_regimes, to_dict
 from .data.manifest import Manifest
-from .data.readers import Normalization, load_split
-from .downstream import Target, adapt_generator, build_pruned, stamp_masks
+from .data.readers import load_split
+from .downstream import Target
 from .errors import StampError
 from .finetune import finetune_model
 from .measure import count_macs_params, latency_report
-from .meta.artifact import backbone_fingerprint, load_generator
-from .pruning.baselines import METHODS as SCORE_METHODS
-from .pruning.baselines import baseline_masks, dense_masks, l1_scores
-from .pruning.gates import gate_masks
-from .pruning.groups import discover_groups
-from .pruning.hardmask import check_budget, uniform_ratio_masks
-from .pruning.macs import CostModel
-from .pruning.surgery import prune_model
+from .meta.artifact import load_generator
+from .methods import METHODS, Finetuned, Job, Source
+from .pruning.hardmask import check_budget
 from .training import pick_device
-
-NEEDS_TARGET_LOSS = ("snip", "grasp", "taylor")  # scored on the backbone with a prototype head for the target
 
 
 @dataclass(frozen=True)
@@ -103,7 +96,7 @@ def plan_cells(cfg: StampConfig) -> list[Cell]:
         for per_class, e, n in zip(regimes, epochs, counts):
             for seed in b.seeds[:n]:
                 for method in b.methods:
-                    for budget in [1.0] if method == "dense" else b.budgets:
+                    for budget in b.budgets if METHODS[method].prunes else [1.0]:
                         check_budget(budget)
                         cells.append(Cell(target, per_class, e, seed, method, float(budget)))
     return cells
@@ -163,34 +156,23 @@ def pruning_batch(sample: Target, per_class: int, seed: int, device: torch.devic
 
 
 class Bench:
-    """What every cell shares: the reference backbone with its channel groups and MACs model, the
-    generator (loaded only when ``stamp`` is compared), the targets' data, and two memos: the dense
+    """What every cell shares: the reference backbone with its channel groups and MACs model and the
+    generator (loaded only when a method uses it: ``source``), the targets' data, and two memos: the dense
     fine-tune of the current (target, regime, seed) — ``dense`` and ``train_prune``'s first stage are
     the same run — and latency per architecture."""
 
     def __init__(self, cfg: StampConfig, device: torch.device):
-        from .pretrain import load_backbone
-
         self.cfg, self.device = cfg, device
-        backbone, self.backbone_meta = load_backbone(cfg.pretrain.out)
-        self.backbone = backbone.to(device).eval().requires_grad_(False)
-        size = self.backbone_meta["image_size"]
-        self.input_size = (3, size, size)
-        self.groups = discover_groups(self.backbone, torch.zeros(1, *self.input_size, device=device))
-        self.cost = CostModel(self.backbone, self.groups, self.input_size)
-        self.norm = Normalization.of(self.backbone_meta)
-        self.fingerprint = backbone_fingerprint(self.backbone)
-        self.dense_macs, self.dense_params = count_macs_params(self.backbone, self.input_size)
-        self.generator, self.generator_id = None, None
-        if "stamp" in cfg.bench.methods:
-            self.generator = load_generator(cfg.meta.out, device)
-            if self.generator.info["backbone"]["fingerprint"] != self.fingerprint:
+        self.source = Source.load(cfg.pretrain.out, device)
+        if any(METHODS[m].uses_generator for m in cfg.bench.methods):
+            generator = load_generator(cfg.meta.out, device)
+            if generator.info["backbone"]["fingerprint"] != self.source.fingerprint:
                 raise StampError(f"the generator in {cfg.meta.out} was meta-trained on another backbone than "
                                  f"{cfg.pretrain.out}; compare methods from one backbone (re-run `stamp meta-train`)")
-            weights = (self.generator.path / "generator.safetensors").read_bytes()
-            self.generator_id = hashlib.sha256(weights).hexdigest()[:16]
+            self.source.generator = generator
+        self.dense_macs, self.dense_params = count_macs_params(self.source.backbone, self.source.input_size)
         self._data: dict[str, TargetData] = {}
-        self._dense: dict[tuple, tuple] = {}
+        self._dense: dict[tuple, Finetuned] = {}
         self._latency: dict[tuple, dict] = {}
 
     def data(self, target: str) -> TargetData:
@@ -201,96 +183,43 @@ class Bench:
     def key(self, cell: Cell) -> dict:
         """Everything the cell's result depends on (see the module docstring)."""
         f, b = self.cfg.finetune, self.cfg.bench
-        key = {**asdict(cell), "backbone": self.fingerprint, "eval_per_class": b.eval_per_class,
+        key = {**asdict(cell), "backbone": self.source.fingerprint, "eval_per_class": b.eval_per_class,
                "pruning_batch_per_class": self.cfg.prune.samples_per_class,
                "finetune": {k: getattr(f, k) for k in ("batch_size", "lr", "backbone_lr", "momentum", "weight_decay",
                                                        "augment", "flip")}}
-        if cell.method == "stamp":
-            key["generator"] = self.generator_id
-            key["allocation"] = self.generator.stamp.allocation_for(self.cfg.prune.allocation)
-            key["selection"] = self.cfg.prune.selection
-            if self.cfg.prune.adapt_steps:
-                key["adapt"] = {"steps": self.cfg.prune.adapt_steps, "lr": self.cfg.prune.adapt_lr}
-        if cell.method == "learn_gates":
-            m = self.cfg.meta
-            key["gates"] = {"steps": b.gate_steps, "lr": b.gate_lr, "batch": b.gate_batch, "tau": m.tau,
-                            "straight_through": m.straight_through, "prior": m.prior,
-                            "prior_weight": m.prior_weight, "budget_weight": m.budget_weight}
-        return key
+        return key | METHODS[cell.method].cache_key(self.cfg, self.source)
+
+    def job(self, cell: Cell, sample: Target, batch: Target, evaluation: tuple) -> Job:
+        return Job(sample, batch, cell.budget, cell.seed, self.cfg,
+                   lambda: self.dense_finetune(cell, sample, batch, evaluation))
 
     def finetune(self, model: torch.nn.Module, cell: Cell, sample: Target, evaluation: tuple) -> dict:
-        return finetune_model(model, (sample.x, sample.y), evaluation, self.norm, self.cfg.finetune, cell.seed,
+        return finetune_model(model, (sample.x, sample.y), evaluation, self.source.norm, self.cfg.finetune, cell.seed,
                               self.device, epochs=cell.epochs)
 
-    def dense_finetune(self, cell: Cell, sample: Target, batch: Target, evaluation: tuple):
-        """The dense network with a prototype head, fine-tuned on the sample: ``(a copy of the model,
-        fine-tune result, seconds to build it)``. Run once per (target, regime, seed); only the latest
-        is kept, as cells come ordered by those."""
+    def dense_finetune(self, cell: Cell, sample: Target, batch: Target, evaluation: tuple) -> Finetuned:
+        """The dense network with a prototype head, fine-tuned on the sample (a copy). Run once per
+        (target, regime, seed); only the latest is kept, as cells come ordered by those."""
         key = (cell.target, cell.train_per_class, cell.epochs, cell.seed)
         if key not in self._dense:
-            t = time.perf_counter()
-            model = build_pruned(self.backbone, self.backbone_meta, self.groups, dense_masks(self.groups), batch)
-            seconds = time.perf_counter() - t
-            self._dense = {key: (model, self.finetune(model, cell, sample, evaluation), seconds)}
-        model, result, seconds = self._dense[key]
-        return copy.deepcopy(model), result, seconds
+            dense = METHODS[Method.DENSE].prune(self.source, self.job(cell, sample, batch, evaluation))
+            self._dense = {key: Finetuned(dense, self.finetune(dense.model, cell, sample, evaluation))}
+        return copy.deepcopy(self._dense[key])
 
     def latency(self, model: torch.nn.Module, kept: list[int]) -> dict:
         """Latency depends only on the architecture (kept channels per group, head size): measured once."""
         arch = (*kept, model.fc.out_features)
         if arch not in self._latency:
-            self._latency[arch] = latency_report(model, self.input_size)
+            self._latency[arch] = latency_report(model, self.source.input_size)
         return self._latency[arch]
 
 
 # --- one cell ----------------------------------------------------------------------------------------
 
 
-def method_masks(bench: Bench, cell: Cell, sample: Target, batch: Target) -> list[torch.Tensor]:
-    """The hard keep masks of a one-shot method (everything but dense and train_prune)."""
-    m, b = cell.method, bench.cfg.bench
-    if m == "stamp":
-        gen, p = bench.generator, bench.cfg.prune
-        stamp = adapt_generator(gen, batch, cell.budget, p.adapt_steps, p.adapt_lr, cell.seed) if p.adapt_steps \
-            else gen.stamp
-        seeded = copy.deepcopy(p)
-        seeded.seed = cell.seed  # a sampled mask is drawn from the cell's seed, like every other random choice
-        return stamp_masks(gen, stamp, batch, cell.budget, seeded)
-    if m == "learn_gates":
-        return gate_masks(bench.backbone, bench.groups, bench.cost, bench.norm(sample.x.to(bench.device)),
-                          sample.y.to(bench.device), sample.num_classes, cell.budget, bench.cfg.meta,
-                          b.gate_steps, b.gate_lr, b.gate_batch, cell.seed)
-    if m in SCORE_METHODS:
-        model = bench.backbone
-        if m in NEEDS_TARGET_LOSS:
-            model = build_pruned(bench.backbone, bench.backbone_meta, bench.groups, dense_masks(bench.groups), batch)
-        return baseline_masks(m, model, bench.groups, bench.cost, cell.budget, bench.norm(batch.x), batch.y,
-                              cell.seed)
-    raise StampError(f"unknown bench method {m!r}")
-
-
-def pruned_model(bench: Bench, cell: Cell, sample: Target, batch: Target, evaluation: tuple):
-    """The method's pruned model, ready for the final fine-tune, and the seconds of each stage."""
-    if cell.method == "train_prune":
-        dense, result, build = bench.dense_finetune(cell, sample, batch, evaluation)
-        t = time.perf_counter()
-        masks = uniform_ratio_masks(l1_scores(dense, bench.groups), bench.cost, cell.budget)
-        t_masks = time.perf_counter() - t
-        t = time.perf_counter()
-        model = prune_model(dense, bench.groups, masks)  # keeps the fine-tuned head
-        return model, {"dense_finetune": build + result["seconds"], "masks": t_masks,
-                       "surgery": time.perf_counter() - t}
-    t = time.perf_counter()
-    masks = method_masks(bench, cell, sample, batch)
-    t_masks = time.perf_counter() - t
-    t = time.perf_counter()
-    model = build_pruned(bench.backbone, bench.backbone_meta, bench.groups, masks, batch)
-    return model, {"masks": t_masks, "surgery": time.perf_counter() - t}
-
-
 def kept_channels(model: torch.nn.Module, bench: Bench) -> list[int]:
     """Channels left per group, read from each group's first out-member of the (pruned) model."""
-    return [_out_channels(model.get_submodule(g.name)) for g in bench.groups]
+    return [_out_channels(model.get_submodule(g.name)) for g in bench.source.groups]
 
 
 def _out_channels(module: torch.nn.Module) -> int:
@@ -305,14 +234,15 @@ def run_cell(bench: Bench, cell: Cell) -> dict:
                                       bench.cfg.bench.eval_per_class)
     batch = pruning_batch(sample, bench.cfg.prune.samples_per_class, cell.seed, bench.device)
     torch.manual_seed(cell.seed)
-    if cell.method == "dense":
-        model, result, build = bench.dense_finetune(cell, sample, batch, evaluation)
-        stages = {"surgery": build}
-    else:
-        model, stages = pruned_model(bench, cell, sample, batch, evaluation)
-        result = bench.finetune(model, cell, sample, evaluation)
-    stages["finetune"] = result["seconds"]
-    macs, params = count_macs_params(model, bench.input_size)
+    method = METHODS[cell.method]
+    if method.prunes:
+        pruned = method.prune(bench.source, bench.job(cell, sample, batch, evaluation))
+        result = bench.finetune(pruned.model, cell, sample, evaluation)
+    else:  # the dense reference is the fine-tune train_prune starts from: run once
+        dense = bench.dense_finetune(cell, sample, batch, evaluation)
+        pruned, result = dense.pruned, dense.result
+    model, stages = pruned.model, {**pruned.seconds, "finetune": result["seconds"]}
+    macs, params = count_macs_params(model, bench.source.input_size)
     kept = kept_channels(model, bench)
     to_model = sum(v for k, v in stages.items() if k != "finetune")
     return {
@@ -370,20 +300,20 @@ def meta_training_seconds(meta_out: str | Path) -> float | None:
 def generator_record(bench: Bench) -> dict | None:
     """The generator STAMP's cells used, as it was meta-trained (its own meta config, not ``cfg.meta``'s,
     which only names where it lives), and the downstream settings applied to it."""
-    if bench.generator is None:
+    gen, p = bench.source.generator, bench.cfg.prune
+    if gen is None:
         return None
-    gen, p = bench.generator, bench.cfg.prune
-    return {"path": str(gen.path), "id": bench.generator_id, "step": gen.info.get("step"), "meta": gen.info["meta"],
-            "allocation": gen.stamp.allocation_for(p.allocation), "selection": p.selection,
+    return {"path": str(gen.path), "id": bench.source.generator_id, "step": gen.info.get("step"),
+            "meta": gen.info["meta"], "allocation": gen.stamp.allocation_for(p.allocation), "selection": p.selection,
             "adapt_steps": p.adapt_steps, "adapt_lr": p.adapt_lr}
 
 
 def _work(cell: Cell, data: TargetData) -> float:
-    """Relative cost of a cell for the ETA: its fine-tuning images (twice for train_prune) plus a fixed
-    share for scoring and measuring."""
+    """Relative cost of a cell for the ETA: its fine-tuning images (per fine-tune: train_prune runs two) plus
+    a fixed share for scoring and measuring."""
     counts = data.manifest.split("train").counts
     n = sum(counts) if cell.train_per_class == 0 else sum(min(c, cell.train_per_class) for c in counts)
-    return cell.epochs * n * (2 if cell.method == "train_prune" else 1) + 1000
+    return cell.epochs * n * METHODS[cell.method].fine_tunes + 1000
 
 
 def run_bench(cfg: StampConfig, device: str | torch.device | None = None) -> BenchRun:
@@ -420,8 +350,9 @@ def run_bench(cfg: StampConfig, device: str | torch.device | None = None) -> Ben
         eta = (time.perf_counter() - t0) / done_work * remaining
         print(f"[{n}/{len(todo)}] {cell.label()}: top-1 {result['top1']:.3f}, MACs {result['macs_ratio']:.3f}, "
               f"{time.perf_counter() - t:.1f} s (ETA {_duration(eta)})", flush=True)
-    return BenchRun(results, [{"name": g.name, "channels": g.channels} for g in bench.groups], machine_info(device),
-                    meta_training_seconds(cfg.meta.out), to_dict(cfg), generator_record(bench))
+    groups = [{"name": g.name, "channels": g.channels} for g in bench.source.groups]
+    return BenchRun(results, groups, machine_info(device), meta_training_seconds(cfg.meta.out), to_dict(cfg),
+                    generator_record(bench))
 
 
 def _duration(seconds: float) -> str:

@@ -8,6 +8,7 @@ import errno
 import sys
 from typing import Callable, Sequence
 
+from .config import METHOD_NAMES
 from .errors import EXIT_STOPPED, EXIT_USER_ERROR, StampError, Stopped
 
 CONVERT_SOURCES = ("imagefolder", "cifar10", "cifar100", "svhn", "numpy", "wds", "idx")
@@ -61,19 +62,28 @@ def _cmd_meta_train(args: argparse.Namespace) -> None:
 
 def _cmd_prune(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    from .downstream import prune
+    from .methods import method_named, prune_with
 
+    method = method_named(args.method)
     p = cfg.prune
     if args.adapt_steps is not None:
         if args.adapt_steps < 0:
             raise StampError(f"--adapt-steps {args.adapt_steps}: adaptation steps must be an integer >= 0; "
                              "0 uses the generator as is")
         p.adapt_steps = args.adapt_steps
-    report = prune(args.generator, args.data, args.budget if args.budget is not None else p.budget, args.out, p,
-                   device=cfg.runtime.device)
-    print(f"pruned model → {args.out}: MACs {report['macs_ratio']:.3f} of dense, params {report['params_ratio']:.3f}, "
-          f"latency (batch 64) {report['latency_ms_b64']:.1f} ms vs dense {report['dense_latency_ms_b64']:.1f} ms, "
-          f"made in {report['seconds_to_prune']:.2f} s")
+    # Flags of another method are ignored with a warning rather than refused: one command line can then be
+    # rerun with each --method.
+    for flag, value, used in (("--generator", args.generator, method.uses_generator),
+                              ("--adapt-steps", args.adapt_steps, method.uses_generator),
+                              ("--backbone", args.backbone, not method.uses_generator),
+                              ("--budget", args.budget, method.prunes)):
+        if value is not None and not used:
+            print(f"warning: {flag} is not used by --method {method.name}; ignored", file=sys.stderr)
+    report = prune_with(method.name, args.data, args.budget if args.budget is not None else p.budget, args.out, cfg,
+                        generator=args.generator, backbone=args.backbone, device=cfg.runtime.device)
+    print(f"pruned model ({method.name}) → {args.out}: MACs {report['macs_ratio']:.3f} of dense, params "
+          f"{report['params_ratio']:.3f}, latency (batch 64) {report['latency_ms_b64']:.1f} ms vs dense "
+          f"{report['dense_latency_ms_b64']:.1f} ms, made in {report['seconds_to_prune']:.2f} s")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -134,6 +144,8 @@ DIGITS = "runs/demo/data/targets/digits"
 CONVERT_EXAMPLE = "stamp data convert --from imagefolder path/to/images runs/mydata --image-size 32"
 PRUNE_EXAMPLE = (f"stamp prune -c configs/demo.yaml --generator runs/demo/meta --data {DIGITS} --budget 0.25 "
                  "--out runs/digits-b0.25")
+PRUNE_L1_EXAMPLE = (f"stamp prune -c configs/demo.yaml --method l1 --data {DIGITS} --budget 0.25 --out runs/digits-l1"
+                    "    # pretrain.out's backbone")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,13 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     command("meta-train", _cmd_meta_train, "meta-train the set encoder + mask generator (resumes from meta.out)",
             ("stamp meta-train -c configs/demo.yaml",
              "stamp meta-train -c configs/demo_ray.yaml    # on Ray: DeepSpeed workers + sampler actors"))
-    p = command("prune", _cmd_prune, "prune the backbone for a target dataset with a meta-trained generator",
-                (PRUNE_EXAMPLE, PRUNE_EXAMPLE.replace("digits-b0.25", "digits-uniform") + " prune.allocation=uniform"))
-    p.add_argument("--generator", required=True, help="generator artifact directory, or a meta-train run (uses best)")
+    p = command("prune", _cmd_prune, "prune the backbone for a target dataset: with STAMP's meta-trained generator, "
+                "or with another method (the same pruned-model artifact for every method)",
+                (PRUNE_EXAMPLE, PRUNE_L1_EXAMPLE))
+    p.add_argument("--method", default="stamp", metavar="METHOD",
+                   help=f"pruning method: {', '.join(METHOD_NAMES)} (default stamp; dense keeps every channel)")
+    p.add_argument("--generator", help="stamp: generator artifact directory, or a meta-train run (uses best)")
+    p.add_argument("--backbone", help="every method but stamp: the pretrained backbone directory (default "
+                   "pretrain.out); stamp prunes its generator's own backbone")
     p.add_argument("--data", required=True, help="target dataset directory (per-class shards)")
     p.add_argument("--budget", type=float, help="fraction of dense MACs to keep, in (0, 1] (default prune.budget)")
     p.add_argument("--out", required=True, help="output directory for the pruned model (must not exist)")
-    p.add_argument("--adapt-steps", type=int, help="generator adaptation steps on the target (default prune.adapt_steps)")
+    p.add_argument("--adapt-steps", type=int, help="stamp: generator adaptation steps on the target "
+                   "(default prune.adapt_steps)")
     p = command("finetune", _cmd_finetune, "fine-tune a pruned model on its target and report top-1",
                 (f"stamp finetune -c configs/demo.yaml --model runs/digits-b0.25 --data {DIGITS} --out runs/digits-ft",
                  f"stamp finetune -c configs/demo.yaml --model runs/digits-b0.25 --data {DIGITS} --epochs 5 "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -20,10 +21,31 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from .errors import StampError
 from .ranges import check_numbers
 
-# `stamp bench` methods: the dense reference, the score-based baselines of pruning/baselines.py,
-# train-then-prune, gates learned on the target (pruning/gates.py) and STAMP.
-METHODS = ("dense", "random", "l1", "snip", "grasp", "synflow", "taylor", "magnitude", "train_prune",
-           "learn_gates", "stamp")
+
+class Method(str, Enum):
+    """The pruning methods (`stamp prune --method`, ``bench.methods``): the dense reference, the score-based
+    baselines of pruning/baselines.py, train-then-prune, gates learned on the target (pruning/gates.py) and
+    STAMP. Their implementations are the registry ``stamp_dist.methods.METHODS``; the names live here, in the
+    base layer, so that loading a config checks them without importing torch."""
+
+    DENSE = "dense"
+    RANDOM = "random"
+    L1 = "l1"
+    SNIP = "snip"
+    GRASP = "grasp"
+    SYNFLOW = "synflow"
+    TAYLOR = "taylor"
+    MAGNITUDE = "magnitude"
+    TRAIN_PRUNE = "train_prune"
+    LEARN_GATES = "learn_gates"
+    STAMP = "stamp"
+
+    __str__ = str.__str__  # f-strings and joins show the name itself, as for a plain string
+    __format__ = str.__format__
+
+
+METHOD_NAMES = tuple(m.value for m in Method)
+
 BACKBONES = ("convnet", "resnet20", "resnet56", "resnet18", "resnet50", "vgg19_bn", "mobilenet_v2",
              "mobilenet_v2_cifar")
 # model.backbone may also name a factory of the user's own network: "package.module:function"
@@ -286,8 +308,8 @@ def validate(cfg: StampConfig | DictConfig) -> None:
         if value not in choices:
             raise StampError(f"config key '{key}' is {value!r}; valid choices: {', '.join(map(str, choices))}")
     for method in cfg.bench.methods:
-        if method not in METHODS:
-            raise StampError(f"config key 'bench.methods' has {method!r}; valid choices: {', '.join(METHODS)}")
+        if method not in METHOD_NAMES:
+            raise StampError(f"config key 'bench.methods' has {method!r}; valid choices: {', '.join(METHOD_NAMES)}")
     _validate_regimes(cfg.bench)
     for name in cfg.meta.stats:
         if name not in CHANNEL_STATS:

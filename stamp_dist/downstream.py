@@ -1,38 +1,31 @@
-"""Downstream pruning: a generator artifact + a target dataset → a physically smaller network.
+"""Downstream pruning's building blocks: a target sample, STAMP's masks for it, and the surgery path.
 
 encode a sample set of the target → (optional) adapt the generator for a few steps on the target →
-keep probabilities → hard mask meeting the MACs budget → channel surgery → a new N-way head
-initialised from class prototypes → ``model.safetensors`` + ``spec.json`` (+ cost/latency report).
-Baselines reuse ``save_pruned_for_target`` with their own masks, so every method shares one path.
+keep probabilities → hard mask meeting the MACs budget (``stamp_masks``) → channel surgery → a new
+N-way head initialised from class prototypes (``build_pruned``, shared by every method). The methods
+and `stamp prune` itself (one artifact, ``model.safetensors`` + ``spec.json``, for every method) are
+in ``methods.py``.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from .atomic import check_writable
 from .config import PruneConfig
 from .data.episodes import Task, build_episode
 from .data.manifest import Manifest
 from .data.readers import Normalization, load_split
 from .errors import StampError
-from .measure import count_macs_params, latency_ms
-from .meta.artifact import Generator, load_generator
+from .meta.artifact import Generator
 from .meta.objective import episode_loss, hard_masks
 from .models.heads import prototype_head
 from .models.backbones import Backbone
 from .pruning.groups import ChannelGroups
-from .pruning.hardmask import check_allocation, check_budget
-from .pruning.spec import PruningSpec, save_pruned
 from .pruning.surgery import prune_model
-from .ranges import check_numbers
-from .training import pick_device
 
 
 @dataclass
@@ -107,55 +100,3 @@ def build_pruned(backbone: Backbone, backbone_meta: dict, groups: ChannelGroups,
     pruned.fc.weight.copy_(head["fc.weight"])
     pruned.fc.bias.copy_(head["fc.bias"])
     return pruned
-
-
-def save_pruned_for_target(out: str | Path, backbone: Backbone, backbone_meta: dict, groups: ChannelGroups,
-                           masks: list[torch.Tensor], target: Target, method: str, budget: float,
-                           seconds_to_masks: float, extra: dict | None = None) -> dict:
-    """Surgery + head + report + atomic save; returns the report (also stored in the spec)."""
-    t = time.perf_counter()
-    pruned = build_pruned(backbone, backbone_meta, groups, masks, target)
-    seconds = seconds_to_masks + time.perf_counter() - t
-    size = backbone_meta["image_size"]
-    dense_macs, dense_params = count_macs_params(backbone, (3, size, size))
-    macs, params = count_macs_params(pruned, (3, size, size))
-    report = {
-        "method": method, "budget": budget, "target": str(target.path), "classes": target.manifest.classes,
-        "macs": macs, "params": params, "dense_macs": dense_macs, "dense_params": dense_params,
-        "macs_ratio": macs / dense_macs, "params_ratio": params / dense_params,
-        "seconds_to_prune": seconds,
-        "latency_ms_b64": latency_ms(pruned, (3, size, size), 64),
-        "dense_latency_ms_b64": latency_ms(backbone, (3, size, size), 64),
-        **(extra or {}),
-    }
-    spec = PruningSpec.from_masks(backbone_meta, groups, masks, num_classes=target.num_classes, report=report)
-    save_pruned(out, pruned, spec)
-    return report
-
-
-def prune(generator: str | Path, data: str | Path, budget: float, out: str | Path, cfg: PruneConfig | None = None,
-          device: str = "auto") -> dict:
-    """Prune the generator's backbone for the target dataset ``data`` at MACs ratio ``budget``; write the
-    pruned model to ``out``. ``cfg`` (the ``prune`` config section; defaults if None) sets the sample size,
-    adaptation steps, allocation, selection, round_to and seed.
-
-    Returns the report (MACs, params, latency, seconds to produce the model).
-    """
-    p = PruneConfig() if cfg is None else cfg
-    check_budget(budget)
-    if p.allocation is not None:
-        check_allocation(p.allocation)
-    check_numbers(OmegaConf.create({"prune": OmegaConf.structured(p)}))  # a section built in Python skipped load_config
-    check_writable(out)
-    t0 = time.perf_counter()
-    device = pick_device(device)
-    gen = load_generator(generator, device)
-    target = load_target(data, p.samples_per_class, gen.backbone_meta)
-    target.x, target.y = target.x.to(device), target.y.to(device)
-    stamp = adapt_generator(gen, target, budget, p.adapt_steps, p.adapt_lr, p.seed) if p.adapt_steps else gen.stamp
-    masks = stamp_masks(gen, stamp, target, budget, p)
-    seconds = time.perf_counter() - t0
-    return save_pruned_for_target(out, gen.backbone, gen.backbone_meta, gen.groups, masks, target, "stamp", budget,
-                                  seconds, {"generator": str(gen.path), "adapt_steps": p.adapt_steps,
-                                            "allocation": gen.stamp.allocation_for(p.allocation),
-                                            "selection": p.selection, "seed": p.seed})

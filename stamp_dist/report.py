@@ -22,11 +22,20 @@ import numpy as np
 
 from .atomic import atomic_file, write_json
 from .bench import BenchRun, regime_name
-from .pruning.baselines import METHODS as SCORE_METHODS
+from .config import Method
+from .methods import METHODS, Family
 
 ROW_KEY = ("target", "train_per_class", "method", "budget")
-NOT_PRUNING = ("dense",)
-ONE_SHOT = tuple(m for m in SCORE_METHODS if m != "random")  # score-and-prune baselines that read the target
+
+
+def _family(family: Family) -> tuple[Method, ...]:
+    return tuple(name for name, m in METHODS.items() if m.family is family)
+
+
+NOT_PRUNING = _family(Family.REFERENCE)
+ONE_SHOT = _family(Family.SCORE)  # the informed one-shot baselines STAMP is paired against
+TRAINED = _family(Family.TRAINED)  # the methods STAMP's total time is compared with
+STAMP, RANDOM = Method.STAMP, Method.RANDOM  # the report's subject and the floor it is paired against
 MEANS = ("top1_before_finetune", "macs_ratio", "params", "macs", "seconds_to_prune", "seconds_to_finetune",
          "seconds_total", "train_images", "eval_images")  # cell fields a row reports as the mean over seeds
 
@@ -88,8 +97,8 @@ def stamp_vs_best(rows: list[dict]) -> list[dict]:
     """Per (target, regime, budget): STAMP's top-1 against the best other pruning method."""
     out = []
     for (target, regime, budget), rs in pruning_settings(rows).items():
-        stamp = next((r for r in rs if r["method"] == "stamp"), None)
-        others = [r for r in rs if r["method"] != "stamp"]
+        stamp = next((r for r in rs if r["method"] == STAMP), None)
+        others = [r for r in rs if r["method"] != STAMP]
         if stamp is None or not others:
             continue
         best = max(others, key=lambda r: r["top1_mean"])
@@ -122,14 +131,14 @@ def stamp_paired(cells: list[dict], rows: list[dict]) -> list[dict]:
     out = []
     for setting, rs in pruning_settings(rows).items():
         methods = {r["method"]: r for r in rs}
-        if "stamp" not in methods:
+        if STAMP not in methods:
             continue
         one_shot = [r for r in rs if r["method"] in ONE_SHOT]
         best = max(one_shot, key=lambda r: r["top1_mean"])["method"] if one_shot else None
         out.append({"target": setting[0], "train_per_class": setting[1], "budget": setting[2],
-                    "stamp_top1": methods["stamp"]["top1_mean"],
-                    "vs_random": paired_delta(cells, "stamp", "random", setting) if "random" in methods else None,
-                    "vs_best_one_shot": paired_delta(cells, "stamp", best, setting) if best else None})
+                    "stamp_top1": methods[STAMP]["top1_mean"],
+                    "vs_random": paired_delta(cells, STAMP, RANDOM, setting) if RANDOM in methods else None,
+                    "vs_best_one_shot": paired_delta(cells, STAMP, best, setting) if best else None})
     return out
 
 
@@ -155,14 +164,15 @@ def discrimination(rows: list[dict]) -> dict[str, dict]:
 
 
 def time_ratios(cells: list[dict]) -> dict[str, dict]:
-    """Total time to the final model of STAMP over that of train_prune and of learn_gates: the ratio of
-    the mean totals over the (target, regime, budget, seed) cells both methods ran; overall and per regime."""
+    """Total time to the final model of STAMP over that of each method that trains on the target (train_prune,
+    learn_gates): the ratio of the mean totals over the (target, regime, budget, seed) cells both methods ran;
+    overall and per regime."""
     by = {(c["method"], c["target"], c["train_per_class"], c["budget"], c["seed"]): c["seconds_total"] for c in cells}
     out = {}
-    for other in ("train_prune", "learn_gates"):
+    for other in TRAINED:
         pairs = defaultdict(list)
         for (m, target, regime, budget, seed), t in by.items():
-            if m == "stamp" and (other, target, regime, budget, seed) in by:
+            if m == STAMP and (other, target, regime, budget, seed) in by:
                 pairs[regime].append((t, by[(other, target, regime, budget, seed)]))
         if pairs:
             ratio = lambda ps: float(np.mean([a for a, _ in ps]) / np.mean([b for _, b in ps]))  # noqa: E731
@@ -335,7 +345,7 @@ def _markdown(run: BenchRun, rows: list[dict], summary: dict, plots: dict[str, l
         per = ", ".join(f"{k}: {v:.2f}" for k, v in ratios["per_regime"].items())
         lines.append(f"- Total time of STAMP / {other}: **{ratios['overall']:.2f}** overall ({per}).")
     if not summary["time_ratios"]:
-        lines.append("- No STAMP cells with matching train_prune / learn_gates cells: no time ratios.")
+        lines.append(f"- No STAMP cells with matching {' / '.join(TRAINED)} cells: no time ratios.")
     lines += ["", *[f"![time to the final model]({p})" for p in plots["time"]], ""]
     if plots["keep_ratio"]:
         lines += ["## Per-group keep ratios: STAMP vs the best baseline", "",
@@ -409,7 +419,7 @@ def plot_top1(rows: list[dict], panels: list[tuple[str, int]], path: Path) -> No
             if not pts:
                 continue
             shift = 1 + 0.025 * (i - (len(methods) - 1) / 2)
-            style = dict(marker="*", markersize=13, linewidth=2.5, color="black") if method == "stamp" else \
+            style = dict(marker="*", markersize=13, linewidth=2.5, color="black") if method == STAMP else \
                 dict(marker="o", markersize=5, linewidth=1, color=colors[(2 * i) % 20 + (2 * i) // 20])
             ax.errorbar([shift * r["macs_ratio"] for r in pts], [100 * r["top1_mean"] for r in pts],
                         yerr=[100 * (r["top1_std"] or 0) for r in pts], label=method, capsize=3, **style)
@@ -460,14 +470,14 @@ def plot_time(rows: list[dict], path: Path) -> None:
 def plot_keep_ratio(rows: list[dict], groups: list[dict], target: str, path: Path) -> bool:
     """STAMP's per-group keep ratio (mean over regimes and seeds) next to the best other pruning method's
     at each budget of one target; returns False (nothing written) without STAMP rows."""
-    budgets = sorted({r["budget"] for r in rows if r["target"] == target and r["method"] == "stamp"}, reverse=True)
+    budgets = sorted({r["budget"] for r in rows if r["target"] == target and r["method"] == STAMP}, reverse=True)
     return _keep_ratio_figure(rows, groups, [(target, b) for b in budgets], path, best_only=True)
 
 
 def plot_keep_ratios(rows: list[dict], groups: list[dict], path: Path) -> bool:
     """STAMP's per-group keep ratio next to every other pruning method's, one panel per (target, budget)
     where STAMP ran; returns False (nothing written) without STAMP rows."""
-    panels = list(dict.fromkeys((r["target"], r["budget"]) for r in rows if r["method"] == "stamp"))
+    panels = list(dict.fromkeys((r["target"], r["budget"]) for r in rows if r["method"] == STAMP))
     return _keep_ratio_figure(rows, groups, panels, path, best_only=False)
 
 
@@ -485,16 +495,16 @@ def _keep_ratio_figure(rows: list[dict], groups: list[dict], panels: list[tuple[
         for r in rows:
             if r["target"] == target and r["budget"] == budget and r["method"] not in NOT_PRUNING:
                 by_method[r["method"]].append(r)
-        others = sorted((m for m in by_method if m != "stamp"),
+        others = sorted((m for m in by_method if m != STAMP),
                         key=lambda m: -np.mean([r["top1_mean"] for r in by_method[m]]))
-        methods = ["stamp", *others[:1]] if best_only else ["stamp", *others]
+        methods = [STAMP, *others[:1]] if best_only else [STAMP, *others]
         width = 0.8 / len(methods)
         x = np.arange(len(groups))
         for i, method in enumerate(methods):
             ratio = np.mean([r["kept"] for r in by_method[method]], axis=0) / sizes
             label = f"{method} (top-1 {100 * np.mean([r['top1_mean'] for r in by_method[method]]):.1f} %)"
             ax.bar(x + (i - (len(methods) - 1) / 2) * width, ratio, width=width, label=label,
-                   color="black" if method == "stamp" else None)
+                   color="black" if method == STAMP else None)
         ax.set_xticks(x, [g["name"] for g in groups], rotation=40, ha="right", rotation_mode="anchor", fontsize=8)
         ax.set_xlabel("channel group")
         ax.set_ylabel("kept / channels")

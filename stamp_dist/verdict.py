@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .bench import regime_name
-from .report import NOT_PRUNING, beyond_noise, pruning_settings
+from .report import NOT_PRUNING, STAMP, beyond_noise, pruning_settings
 
-FOCUS = "stamp"  # the method the verdict is about, when it ran
+FOCUS = STAMP  # the method the verdict is about, when it ran
 LISTED = 4  # settings named per line; the rest are counted
 
 

@@ -11,8 +11,8 @@ from torch.func import functional_call
 from stamp_dist.errors import StampError
 from stamp_dist.models.backbones import build_backbone
 from stamp_dist.pruning import CostModel, discover_groups
-from stamp_dist.pruning.baselines import (METHODS, aggregate_scores, baseline_masks, baseline_scores,
-                                          grasp_scores, l1_scores, snip_scores, synflow_scores, tp_scores)
+from stamp_dist.pruning.baselines import (SCORES, aggregate_scores, baseline_masks, baseline_scores, grasp_scores,
+                                          l1_scores, snip_scores, synflow_scores, tp_scores)
 
 SIZE = 16
 X0 = torch.zeros(1, 3, SIZE, SIZE)
@@ -39,7 +39,7 @@ def test_every_method_meets_budget_and_leaves_model_untouched(name):
     state = copy.deepcopy(model.state_dict())
     cost = CostModel(model, groups, (3, SIZE, SIZE))
     x, y = _batch()
-    for method in METHODS:
+    for method in SCORES:
         for budget in (0.3, 0.6):
             masks = baseline_masks(method, model, groups, cost, budget, x, y, seed=1)
             assert [m.dtype for m in masks] == [torch.bool] * len(groups)
@@ -53,7 +53,7 @@ def test_every_method_meets_budget_and_leaves_model_untouched(name):
 def test_methods_are_deterministic_and_random_follows_seed():
     model, groups = _setup("resnet20")
     x, y = _batch()
-    for method in METHODS:
+    for method in SCORES:
         a = baseline_scores(method, model, groups, x, y, seed=3)
         b = baseline_scores(method, model, groups, x, y, seed=3)
         assert all(torch.equal(s, t) for s, t in zip(a, b)), method
@@ -237,16 +237,19 @@ def test_learned_gates_follow_the_budget_penalty_and_give_masks_at_the_budget():
 def test_train_then_prune_ranks_the_fine_tuned_weights_and_keeps_them(tiny_run):
     from conftest import tiny_config
     from stamp_dist import bench
+    from stamp_dist.config import Method
+    from stamp_dist.methods import METHODS
     from stamp_dist.pruning.hardmask import uniform_ratio_masks
 
     cfg = tiny_config(tiny_run, f"bench.targets=[{tiny_run}/data/targets/digits]", "bench.methods=[train_prune]")
     b = bench.Bench(cfg, torch.device("cpu"))
+    src = b.source
     [cell] = bench.plan_cells(cfg)
     sample, evaluation = bench.split_sample(b.data(cell.target), cell.train_per_class, cell.seed)
     batch = bench.pruning_batch(sample, 5, cell.seed, b.device)
-    g = b.groups[1]
-    pretrained = uniform_ratio_masks(l1_scores(b.backbone, b.groups), b.cost, cell.budget)
-    best = int(l1_scores(b.backbone, b.groups)[1].argmax())
+    g = src.groups[1]
+    pretrained = uniform_ratio_masks(l1_scores(src.backbone, src.groups), src.cost, cell.budget)
+    best = int(l1_scores(src.backbone, src.groups)[1].argmax())
 
     def fine_tune(model, cell, sample, evaluation):  # a "fine-tune" that silences the pretrained ranking's best filter
         with torch.no_grad():
@@ -254,11 +257,14 @@ def test_train_then_prune_ranks_the_fine_tuned_weights_and_keeps_them(tiny_run):
         return {"seconds": 1.5, "top1": 0.5, "top1_before": 0.1}
 
     b.finetune = fine_tune
-    model, stages = bench.pruned_model(b, cell, sample, batch, evaluation)
-    dense, _, build = b.dense_finetune(cell, sample, batch, evaluation)  # the memo: that fine-tuned model
-    assert stages["dense_finetune"] == pytest.approx(build + 1.5)
-    masks = uniform_ratio_masks(l1_scores(dense, b.groups), b.cost, cell.budget)
+    pruned = METHODS[Method.TRAIN_PRUNE].prune(src, b.job(cell, sample, batch, evaluation))
+    dense = b.dense_finetune(cell, sample, batch, evaluation)  # the memo: that fine-tuned model
+    assert pruned.seconds["dense_finetune"] == pytest.approx(sum(dense.pruned.seconds.values()) + 1.5)
+    dense = dense.pruned.model
+    masks = uniform_ratio_masks(l1_scores(dense, src.groups), src.cost, cell.budget)
     assert pretrained[1][best] and not masks[1][best]  # ranked on the fine-tuned weights
+    assert all(torch.equal(a, b) for a, b in zip(pruned.masks, masks))
     kept_out, kept_in = masks[1].nonzero().squeeze(1), masks[0].nonzero().squeeze(1)
+    model = pruned.model
     assert torch.equal(model.get_submodule(g.name).weight, dense.get_submodule(g.name).weight[kept_out][:, kept_in])
     assert torch.equal(model.fc.bias, dense.fc.bias)  # and the fine-tuned head is kept

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from stamp_dist import bench
+from stamp_dist import bench, methods
 from stamp_dist.errors import StampError
 
 
@@ -22,7 +22,7 @@ def test_cells_run_once_then_cached_and_stale_cells_rerun(tiny_run, tiny_generat
         assert r["macs_ratio"] <= r["budget"] + 0.02
         assert set(r["latency_ms"]) == {"cpu_b1", "cpu_b64"} and all(v > 0 for v in r["latency_ms"].values())
         assert r["seconds_total"] == pytest.approx(r["seconds_to_prune"] + r["seconds_to_finetune"])
-    sizes = [g.channels for g in bench.Bench(cfg, torch.device("cpu")).groups]
+    sizes = [g.channels for g in bench.Bench(cfg, torch.device("cpu")).source.groups]
     assert results[0]["kept"] == sizes and all(0 < k <= c for k, c in zip(results[1]["kept"], sizes))
     cached = json.loads((tmp_path / "digits" / "tpc5" / "stamp_b0.5_s0.json").read_text())
     assert cached["top1"] == results[2]["top1"] and cached["key"]["generator"]
@@ -46,7 +46,7 @@ def test_cells_run_once_then_cached_and_stale_cells_rerun(tiny_run, tiny_generat
 def _with_generator_id(init, gen_id):
     def patched(self, *a, **k):
         init(self, *a, **k)
-        self.generator_id = gen_id
+        self.source.generator_id = gen_id
     return patched
 
 
@@ -89,8 +89,8 @@ def test_sample_pruning_batch_and_scoring_sets(tiny_run):
 
 def test_stamp_cells_adapt_the_generator_when_configured(tiny_run, tiny_generator, tmp_path, monkeypatch):
     seen = []
-    real = bench.adapt_generator
-    monkeypatch.setattr(bench, "adapt_generator", lambda gen, target, b, steps, lr, seed:
+    real = methods.adapt_generator
+    monkeypatch.setattr(methods, "adapt_generator", lambda gen, target, b, steps, lr, seed:
                         seen.append((b, steps, lr, seed)) or real(gen, target, b, steps, lr, seed))
     cfg = _digits_cfg(tiny_run, tiny_generator, tmp_path, "prune.adapt_steps=2", "prune.adapt_lr=0.001",
                       "bench.methods=[stamp]")

@@ -264,6 +264,14 @@ def _weights_of_another_architecture(env: Env) -> list[str]:
     return env.pretrain("model.backbone=convnet", "model.width=8", f"model.weights={env.tmp}/resnet20.pth")
 
 
+def _without_generator(method: str):
+    def make(env: Env) -> list[str]:
+        argv = env.prune("--method", method)
+        i = argv.index("--generator")
+        return argv[:i] + argv[i + 2:]
+    return make
+
+
 CASES = {
     # issue 14: bring your own network
     "backbone_without_colon": (lambda env: env.pretrain("model.backbone=mynet"),
@@ -324,6 +332,11 @@ CASES = {
     "spec_kept_floats": (_first_group(lambda g: {"kept": [float(i) for i in g["kept"]]}), ["kept", "integers"]),
     # defect 10: messages that name the real problem
     "samples_per_class_0": (lambda env: env.prune("prune.samples_per_class=0"), ["prune.samples_per_class"]),
+    # issue 14: `stamp prune --method`
+    "method_unknown": (lambda env: env.prune("--method", "obd"), ["'obd'", "choose one of", "l1"]),
+    "method_stamp_without_generator": (_without_generator("stamp"), ["stamp", "--generator", "another --method"]),
+    "method_l1_backbone_missing": (lambda env: env.prune("--method", "l1", "--backbone", str(env.tmp / "none")),
+                                   [str(Path("work") / "none")]),
     "k_shot_0": (lambda env: env.meta_train("meta.k_shot=0"), ["meta.k_shot"]),
     "q_query_0": (lambda env: env.meta_train("meta.q_query=0"), ["meta.q_query"]),
     "tau_0": (lambda env: env.meta_train("meta.tau=0"), ["meta.tau"]),
@@ -396,14 +409,14 @@ def test_prune_to_an_unwritable_disk_fails_before_computing(fault, small_disk, t
     """Defect 8 of issue 15: ENOSPC / EROFS failed only after all the compute, with a traceback."""
     import subprocess
 
-    from stamp_dist import downstream
+    from stamp_dist import methods
 
     if fault == "full":
         _fill(small_disk)
     else:
         subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     before = snapshot(small_disk)
-    monkeypatch.setattr(downstream, "load_generator", lambda *a, **k: pytest.fail("computed before checking"))
+    monkeypatch.setattr(methods, "load_generator", lambda *a, **k: pytest.fail("computed before checking"))
     argv = ["prune", "--generator", str(tiny_generator), "--data", str(tiny_run / "data/targets/digits"),
             "--out", str(small_disk / "out"), *TINY]
     assert main(argv) == 2

@@ -11,9 +11,10 @@ spread over layers. (The cost: SNIP / GraSP / SynFlow lose the layer-wise alloca
 papers' global thresholds give.)
 
 Entry point: ``baseline_masks(method, model, groups, cost, budget, images, labels, seed)``; the
-per-channel scores alone: ``baseline_scores``. The two baselines that train on the target first live
-elsewhere: "learn gates on the target" in ``gates.py``, and "train then prune" (``l1`` below applied to
-the dense model after fine-tuning it on the target) in ``stamp_dist/bench.py``. Methods (``METHODS``):
+per-channel scores alone: ``baseline_scores``. ``SCORES`` is this layer's part of the method registry
+(``stamp_dist/methods.py`` wraps each entry as a pruning method). The two baselines that train on the
+target first live elsewhere: "learn gates on the target" in ``gates.py``, and "train then prune" (``l1``
+below applied to the dense model after fine-tuning it on the target) in ``stamp_dist/methods.py``. Methods:
 
 * ``random``: uniform random scores from ``seed``.
 * ``l1`` (Li et al. 2017): for each out-member conv/linear ``m`` of the group, ``n_m[c] = Σ|W_m[c]|``
@@ -57,6 +58,7 @@ broken by channel index (stable sort), so every method but ``random`` ignores ``
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -66,13 +68,11 @@ import torch_pruning as tp
 from torch.func import functional_call
 from torch.nn.modules.conv import _ConvNd
 
+from ..config import Method
 from ..errors import StampError
 from .groups import ChannelGroups, Group, build_graph
 from .hardmask import check_budget, uniform_ratio_masks
 from .macs import CostModel
-
-METHODS = ("random", "l1", "snip", "grasp", "synflow", "taylor", "magnitude")
-
 
 def dense_masks(groups: ChannelGroups) -> list[torch.Tensor]:
     """Keep every channel (the dense fine-tuning reference)."""
@@ -97,15 +97,9 @@ def baseline_masks(method: str, model: nn.Module, groups: ChannelGroups, cost: C
 def baseline_scores(method: str, model: nn.Module, groups: ChannelGroups, images: torch.Tensor,
                     labels: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
     """Per-group channel scores (float ``[C_g]``, higher = more important) of baseline ``method``."""
-    if method == "random":
-        return random_scores(groups, seed)
-    if method == "l1":
-        return l1_scores(model, groups)
-    if method in _PER_WEIGHT:
-        return aggregate_scores(model, groups, _PER_WEIGHT[method](model, images, labels))
-    if method in _TP_IMPORTANCE:
-        return tp_scores(model, groups, _TP_IMPORTANCE[method](), images, labels)
-    raise StampError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in SCORES:
+        raise StampError(f"unknown baseline {method!r}; choose one of {', '.join(SCORES)}")
+    return SCORES[method].scores(model, groups, images, labels, seed)
 
 
 # --- per-channel criteria ----------------------------------------------------------------------
@@ -149,10 +143,6 @@ def _tp_group(dg: tp.DependencyGraph, model: nn.Module, group: Group):
                                 list(range(group.channels)))
 
 
-_TP_IMPORTANCE: dict[str, Callable[[], tp.importance.Importance]] = {
-    "taylor": tp.importance.GroupTaylorImportance,
-    "magnitude": tp.importance.GroupMagnitudeImportance,
-}
 
 
 # --- per-weight criteria (dict: parameter name → score of the parameter's shape) -------------------
@@ -188,7 +178,6 @@ def synflow_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor 
     return {n: (p.detach() * g).abs() / r.detach() for (n, p), g in zip(params.items(), grads)}
 
 
-_PER_WEIGHT = {"snip": snip_scores, "grasp": grasp_scores, "synflow": synflow_scores}
 
 
 def aggregate_scores(model: nn.Module, groups: ChannelGroups, weight_scores: dict[str, torch.Tensor]
@@ -217,6 +206,39 @@ def _per_channel(score: torch.Tensor, dim: int, channels: int) -> torch.Tensor:
                              "other than depthwise are not supported")
         s = s.view(channels, -1).sum(1)  # a linear reading a flattened [C, H, W] map: c-major blocks
     return s
+
+
+# --- the registry --------------------------------------------------------------------------------------------
+
+ChannelScores = Callable[[nn.Module, ChannelGroups, torch.Tensor, torch.Tensor, int], list[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Score:
+    """A score-based method: ``scores(model, groups, images, labels, seed)`` → one score per channel."""
+
+    scores: ChannelScores
+    reads_loss: bool = False  # reads the target's loss, so it scores the backbone with a head for the target
+    chance: bool = False  # ignores network and data (random channels: the floor an informed method must beat)
+
+
+def _per_weight(scores: Callable[..., dict[str, torch.Tensor]]) -> ChannelScores:
+    return lambda model, groups, images, labels, seed: aggregate_scores(model, groups, scores(model, images, labels))
+
+
+def _importance(importance: Callable[[], tp.importance.Importance]) -> ChannelScores:
+    return lambda model, groups, images, labels, seed: tp_scores(model, groups, importance(), images, labels)
+
+
+SCORES: dict[Method, Score] = {
+    Method.RANDOM: Score(lambda model, groups, images, labels, seed: random_scores(groups, seed), chance=True),
+    Method.L1: Score(lambda model, groups, images, labels, seed: l1_scores(model, groups)),
+    Method.SNIP: Score(_per_weight(snip_scores), reads_loss=True),
+    Method.GRASP: Score(_per_weight(grasp_scores), reads_loss=True),
+    Method.SYNFLOW: Score(_per_weight(synflow_scores)),
+    Method.TAYLOR: Score(_importance(tp.importance.GroupTaylorImportance), reads_loss=True),
+    Method.MAGNITUDE: Score(_importance(tp.importance.GroupMagnitudeImportance)),
+}
 
 
 # --- helpers: gradients without side effects ---------------------------------------------------------

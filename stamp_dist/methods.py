@@ -1,0 +1,354 @@
+"""The registry of pruning methods: ``METHODS``, one ``PruningMethod`` per ``config.Method``, which
+`stamp prune --method` (``prune_with``) and `stamp bench` both read.
+
+A method, as in Torch-Pruning's ``Importance`` protocol, is a small stateless object: its ``name``, its
+``family`` (what it needs: nothing but the backbone, the target's loss, training on the target first,
+STAMP's generator), what its result depends on besides budget, sample and seed (``cache_key``: part of
+a bench cell's key), and ``prune(source, job)`` → the pruned network with a head for the target. Most
+methods only choose channels (``MaskMethod.masks``); the shared surgery path then removes them and
+initialises the head from the class prototypes of the pruning batch. The score-based baselines
+register in ``pruning/baselines.py`` (``SCORES``); the methods that need stage code (fine-tuning,
+STAMP's generator) are defined here, where that code may be imported.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import OmegaConf
+
+from .atomic import check_writable
+from .config import Method, PruneConfig, StampConfig, validate
+from .data.readers import Normalization
+from .downstream import Target, adapt_generator, build_pruned, load_target, stamp_masks
+from .errors import StampError
+from .finetune import finetune_model
+from .measure import count_macs_params, latency_ms
+from .meta.artifact import Generator, backbone_fingerprint, load_generator
+from .models.backbones import Backbone
+from .pruning.baselines import SCORES, Score, baseline_masks, dense_masks, l1_scores
+from .pruning.gates import gate_masks
+from .pruning.groups import ChannelGroups, discover_groups
+from .pruning.hardmask import check_budget, uniform_ratio_masks
+from .pruning.macs import CostModel
+from .pruning.spec import PruningSpec, save_pruned
+from .pruning.surgery import prune_model
+from .training import pick_device
+
+
+class Family(Enum):
+    """What a method needs, and how the bench report groups it."""
+
+    REFERENCE = "no pruning: the unpruned reference"
+    CHANCE = "random channels: the floor an informed method must beat"
+    SCORE = "one-shot scores of the pretrained backbone"
+    TRAINED = "trains on the target sample before pruning"
+    META = "STAMP's meta-trained generator reads the target sample"
+
+
+@dataclass
+class Source:
+    """What every method prunes: the reference-pretrained backbone (eval mode, frozen, on its device) with
+    its channel groups and MACs model, and STAMP's generator when a method uses it."""
+
+    backbone: Backbone
+    meta: dict  # backbone.json: architecture, image size, normalisation
+    groups: ChannelGroups
+    cost: CostModel
+    path: Path  # where the backbone was read: a pretrain run, or the generator artifact holding it
+    generator: Generator | None = None
+
+    @classmethod
+    def load(cls, directory: str | Path, device: torch.device) -> "Source":
+        from .pretrain import load_backbone
+
+        backbone, meta = load_backbone(directory)
+        backbone = backbone.to(device).eval().requires_grad_(False)
+        size = meta["image_size"]
+        groups = discover_groups(backbone, torch.zeros(1, 3, size, size, device=device))
+        return cls(backbone, meta, groups, CostModel(backbone, groups, (3, size, size)), Path(directory))
+
+    @classmethod
+    def of_generator(cls, gen: Generator) -> "Source":
+        return cls(gen.backbone, gen.backbone_meta, gen.groups, gen.cost, gen.path, gen)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return (3, self.meta["image_size"], self.meta["image_size"])
+
+    @property
+    def norm(self) -> Normalization:
+        return Normalization.of(self.meta)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return backbone_fingerprint(self.backbone)
+
+    @cached_property
+    def generator_id(self) -> str:
+        """A short hash of the generator's weights (read once: every STAMP cell's key holds it)."""
+        return hashlib.sha256((self.generator.path / "generator.safetensors").read_bytes()).hexdigest()[:16]
+
+
+@dataclass
+class Pruned:
+    """A method's result: the pruned network with its head, its keep masks (original numbering, for the
+    spec) and the seconds of each stage."""
+
+    model: torch.nn.Module
+    masks: list[torch.Tensor]
+    seconds: dict[str, float]  # "masks", "surgery"; train_prune also "dense_finetune" (first)
+
+
+@dataclass
+class Finetuned:
+    """The dense network with a prototype head (``pruned``) after a fine-tune on the sample (``result``:
+    ``finetune_model``'s). The dense reference of the bench and train_prune's first stage."""
+
+    pruned: Pruned
+    result: dict
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.pruned.seconds.values()) + self.result["seconds"]
+
+
+@dataclass
+class Job:
+    """One pruning problem: the target sample, the budget, the seed and the settings of the methods."""
+
+    sample: Target  # what the methods that train read (the bench: the regime's whole sample)
+    batch: Target  # what the one-shot methods and every prototype head read, on the source's device
+    budget: float
+    seed: int
+    cfg: StampConfig  # prune (STAMP), meta + bench.gate_* (learn_gates), finetune (train_prune)
+    dense_finetuned: Callable[[], Finetuned]  # train_prune's first stage (the bench shares it with dense)
+
+
+class PruningMethod(ABC):
+    """One entry of ``METHODS``."""
+
+    name: Method
+    family: Family
+    fine_tunes = 1  # fine-tunes a bench cell runs (its share of the ETA)
+
+    @property
+    def prunes(self) -> bool:
+        return self.family is not Family.REFERENCE
+
+    @property
+    def uses_generator(self) -> bool:
+        return self.family is Family.META
+
+    def cache_key(self, cfg: StampConfig, source: Source) -> dict:
+        """The settings the result depends on besides the cell (target, regime, seed, budget, fine-tuning)."""
+        return {}
+
+    def record(self, cfg: StampConfig, source: Source) -> dict:
+        """What a pruned model's report records of the method's inputs and settings."""
+        return {"backbone": str(source.path), **self.cache_key(cfg, source)}
+
+    @abstractmethod
+    def prune(self, source: Source, job: Job) -> Pruned:
+        ...
+
+
+class MaskMethod(PruningMethod):
+    """A method that only chooses the channels; surgery and the prototype head are shared."""
+
+    @abstractmethod
+    def masks(self, source: Source, job: Job) -> list[torch.Tensor]:
+        """Hard keep masks (bool ``[C_g]`` per group) at ``job.budget``."""
+
+    def prune(self, source: Source, job: Job) -> Pruned:
+        t = time.perf_counter()
+        masks = self.masks(source, job)
+        t_masks = time.perf_counter() - t
+        t = time.perf_counter()
+        model = build_pruned(source.backbone, source.meta, source.groups, masks, job.batch)
+        return Pruned(model, masks, {"masks": t_masks, "surgery": time.perf_counter() - t})
+
+
+class Dense(MaskMethod):
+    name, family = Method.DENSE, Family.REFERENCE
+
+    def masks(self, source: Source, job: Job) -> list[torch.Tensor]:
+        return dense_masks(source.groups)
+
+
+class ScoreMethod(MaskMethod):
+    """A score of ``pruning/baselines.py``: the same fraction of channels kept in every group."""
+
+    def __init__(self, name: Method, score: Score):
+        self.name, self.score = name, score
+        self.family = Family.CHANCE if score.chance else Family.SCORE
+
+    def masks(self, source: Source, job: Job) -> list[torch.Tensor]:
+        model = source.backbone
+        if self.score.reads_loss:  # the target's loss needs a head for the target
+            model = build_pruned(source.backbone, source.meta, source.groups, dense_masks(source.groups), job.batch)
+        return baseline_masks(self.name, model, source.groups, source.cost, job.budget, source.norm(job.batch.x),
+                              job.batch.y, job.seed)
+
+
+class TrainPrune(PruningMethod):
+    """Fine-tune the dense network on the sample, prune it by L1, keep its fine-tuned head."""
+
+    name, family, fine_tunes = Method.TRAIN_PRUNE, Family.TRAINED, 2
+
+    def prune(self, source: Source, job: Job) -> Pruned:
+        dense = job.dense_finetuned()
+        t = time.perf_counter()
+        masks = uniform_ratio_masks(l1_scores(dense.pruned.model, source.groups), source.cost, job.budget)
+        t_masks = time.perf_counter() - t
+        t = time.perf_counter()
+        model = prune_model(dense.pruned.model, source.groups, masks)  # keeps the fine-tuned head
+        return Pruned(model, masks, {"dense_finetune": dense.seconds, "masks": t_masks,
+                                     "surgery": time.perf_counter() - t})
+
+
+class LearnGates(MaskMethod):
+    """Gates learned on the whole sample from scratch (``pruning/gates.py``)."""
+
+    name, family = Method.LEARN_GATES, Family.TRAINED
+
+    def cache_key(self, cfg: StampConfig, source: Source) -> dict:
+        m, b = cfg.meta, cfg.bench
+        return {"gates": {"steps": b.gate_steps, "lr": b.gate_lr, "batch": b.gate_batch, "tau": m.tau,
+                          "straight_through": m.straight_through, "prior": m.prior,
+                          "prior_weight": m.prior_weight, "budget_weight": m.budget_weight}}
+
+    def masks(self, source: Source, job: Job) -> list[torch.Tensor]:
+        b, x = job.cfg.bench, job.sample.x.to(source.device)
+        return gate_masks(source.backbone, source.groups, source.cost, source.norm(x), job.sample.y.to(source.device),
+                          job.sample.num_classes, job.budget, job.cfg.meta, b.gate_steps, b.gate_lr, b.gate_batch,
+                          job.seed)
+
+
+class Stamp(MaskMethod):
+    """The meta-trained generator reads the pruning batch (optionally adapted on it first)."""
+
+    name, family = Method.STAMP, Family.META
+
+    def cache_key(self, cfg: StampConfig, source: Source) -> dict:
+        p = cfg.prune
+        key = {"generator": source.generator_id, "allocation": source.generator.stamp.allocation_for(p.allocation),
+               "selection": p.selection}
+        if p.adapt_steps:
+            key["adapt"] = {"steps": p.adapt_steps, "lr": p.adapt_lr}
+        return key
+
+    def record(self, cfg: StampConfig, source: Source) -> dict:
+        p = cfg.prune
+        return {"generator": str(source.generator.path), "adapt_steps": p.adapt_steps,
+                "allocation": source.generator.stamp.allocation_for(p.allocation), "selection": p.selection}
+
+    def masks(self, source: Source, job: Job) -> list[torch.Tensor]:
+        gen, p = source.generator, job.cfg.prune
+        stamp = adapt_generator(gen, job.batch, job.budget, p.adapt_steps, p.adapt_lr, job.seed) if p.adapt_steps \
+            else gen.stamp
+        seeded = copy.deepcopy(p)
+        seeded.seed = job.seed  # a sampled mask is drawn from the job's seed, like every other random choice
+        return stamp_masks(gen, stamp, job.batch, job.budget, seeded)
+
+
+METHODS: dict[Method, PruningMethod] = {m.name: m for m in (
+    Dense(), *(ScoreMethod(name, score) for name, score in SCORES.items()), TrainPrune(), LearnGates(), Stamp())}
+
+
+def method_named(name: str) -> PruningMethod:
+    if name not in METHODS:
+        raise StampError(f"unknown pruning method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+# --- `stamp prune`: one method, one target, one artifact ------------------------------------------------------
+
+
+def _finetune_dense(source: Source, job: Job) -> Finetuned:
+    """train_prune's first stage outside the bench: the dense network with a prototype head, fine-tuned on
+    the sample with ``finetune.*`` (no held-out images here: it is scored on the sample itself)."""
+    dense = METHODS[Method.DENSE].prune(source, job)
+    sample = (job.sample.x, job.sample.y)
+    return Finetuned(dense, finetune_model(dense.model, sample, sample, source.norm, job.cfg.finetune, job.seed,
+                                           source.device))
+
+
+def prune_with(method: str, data: str | Path, budget: float, out: str | Path, cfg: StampConfig | None = None,
+               generator: str | Path | None = None, backbone: str | Path | None = None,
+               device: str = "auto") -> dict:
+    """Prune for the target dataset ``data`` with ``method`` (a name of ``METHODS``) at MACs ratio ``budget``
+    and write the pruned model to ``out``: ``model.safetensors`` + ``spec.json``, what `stamp finetune`,
+    `stamp export` and ``load_pruned`` read, whatever the method.
+
+    STAMP prunes its generator's own backbone (``generator``: a meta-train run or a generator artifact);
+    every other method prunes the pretrained backbone in ``backbone`` (default ``cfg.pretrain.out``) and
+    ignores ``generator``. Every method reads ``prune.samples_per_class`` images per class of the train
+    split (train_prune and learn_gates train on them; train_prune fine-tunes with ``finetune.*``), and is
+    seeded by ``prune.seed``. ``dense`` writes the unpruned network with a head for the target (budget 1).
+    Returns the report (MACs, params, latency, seconds to produce the model), also stored in the spec.
+    """
+    cfg = OmegaConf.structured(StampConfig if cfg is None else cfg)
+    validate(cfg)  # a config built in Python skipped load_config
+    m = method_named(method)
+    budget = budget if m.prunes else 1.0
+    check_budget(budget)
+    if m.uses_generator and generator is None:
+        raise StampError(f"method {m.name} reads a meta-trained generator: give one with --generator (a `stamp "
+                         "meta-train` run or a generator artifact), or choose another --method")
+    check_writable(out)
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    source = Source.of_generator(load_generator(generator, dev)) if m.uses_generator else \
+        Source.load(cfg.pretrain.out if backbone is None else backbone, dev)
+    p = cfg.prune
+    target = load_target(data, p.samples_per_class, source.meta)
+    target.x, target.y = target.x.to(dev), target.y.to(dev)
+    job = Job(target, target, budget, p.seed, cfg, lambda: _finetune_dense(source, job))
+    pruned = m.prune(source, job)
+    return _save(out, source, pruned, target, m.name, budget, time.perf_counter() - t0,
+                 {**m.record(cfg, source), "seed": p.seed})
+
+
+def prune(generator: str | Path, data: str | Path, budget: float, out: str | Path, cfg: PruneConfig | None = None,
+          device: str = "auto") -> dict:
+    """Prune the generator's backbone for the target dataset ``data`` at MACs ratio ``budget`` with STAMP;
+    write the pruned model to ``out``. ``cfg`` (the ``prune`` config section; defaults if None) sets the
+    sample size, adaptation steps, allocation, selection, round_to and seed. Returns the report (MACs,
+    params, latency, seconds to produce the model). Other methods: ``prune_with``."""
+    return prune_with(Method.STAMP, data, budget, out, StampConfig(prune=PruneConfig() if cfg is None else cfg),
+                      generator=generator, device=device)
+
+
+def _save(out: str | Path, source: Source, pruned: Pruned, target: Target, method: Method, budget: float,
+          seconds: float, extra: dict) -> dict:
+    """Report + atomic save of the pruned model; returns the report (also stored in the spec)."""
+    size = source.input_size
+    dense_macs, dense_params = count_macs_params(source.backbone, size)
+    macs, params = count_macs_params(pruned.model, size)
+    report = {
+        "method": method.value, "budget": budget, "target": str(target.path), "classes": target.manifest.classes,
+        "macs": macs, "params": params, "dense_macs": dense_macs, "dense_params": dense_params,
+        "macs_ratio": macs / dense_macs, "params_ratio": params / dense_params,
+        "seconds_to_prune": seconds,
+        "latency_ms_b64": latency_ms(pruned.model, size, 64),
+        "dense_latency_ms_b64": latency_ms(source.backbone, size, 64),
+        **extra,
+    }
+    spec = PruningSpec.from_masks(source.meta, source.groups, pruned.masks, num_classes=target.num_classes,
+                                  report=report)
+    save_pruned(out, pruned.model, spec)
+    return report

@@ -1,0 +1,82 @@
+"""The registry of pruning methods (stamp_dist/methods.py): one entry per name, the same artifact from
+every method through `stamp prune --method` and ``prune_with``, and the bench's cache keys."""
+
+import pytest
+import torch
+
+import stamp_dist
+from conftest import tiny_config
+from stamp_dist import bench
+from stamp_dist.cli import main
+from stamp_dist.config import METHOD_NAMES, Method
+from stamp_dist.data.readers import Normalization, load_split
+from stamp_dist.errors import StampError
+from stamp_dist.methods import METHODS, Family
+
+BUDGET = 0.5
+
+
+@pytest.fixture(scope="module")
+def digits(tiny_run):
+    return tiny_run / "data" / "targets" / "digits"
+
+
+def test_the_registry_holds_every_method_name_once():
+    assert list(METHODS) == list(Method) and [str(m) for m in METHODS] == list(METHOD_NAMES)
+    assert all(m.name is name for name, m in METHODS.items())
+    assert [m for m in METHODS if not METHODS[m].prunes] == [Method.DENSE]
+    assert [m for m in METHODS if METHODS[m].uses_generator] == [Method.STAMP]
+    assert {m for m in METHODS if METHODS[m].family is Family.TRAINED} == {Method.TRAIN_PRUNE, Method.LEARN_GATES}
+
+
+def test_bench_accepts_exactly_the_registered_methods(tiny_run):
+    cfg = tiny_config(tiny_run, f"bench.methods=[{','.join(METHODS)}]", f"bench.targets=[{tiny_run}/data/targets/digits]")
+    assert [c.method for c in bench.plan_cells(cfg)] == list(METHOD_NAMES)
+    with pytest.raises(StampError, match="bench.methods.*magic"):
+        tiny_config(tiny_run, "bench.methods=[magic]")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_writes_a_pruned_model_within_the_budget(method, tiny_run, tiny_generator, digits, tmp_path):
+    cfg = tiny_config(tiny_run, "bench.gate_steps=3")
+    out = tmp_path / "pruned"
+    report = stamp_dist.prune_with(method, digits, BUDGET, out, cfg, generator=tiny_generator, device="cpu")
+    model, spec = stamp_dist.load_pruned(out)
+    assert spec.report == report and report["method"] == method and model.fc.out_features == 10
+    if METHODS[method].prunes:
+        assert report["macs_ratio"] <= BUDGET + 0.02 and report["budget"] == BUDGET
+    else:
+        assert report["macs_ratio"] > 0.999 and report["budget"] == 1.0  # (a head for 10 classes, not 12)
+    x = Normalization.of(spec)(load_split(digits, "test", per_class=2)[0])
+    again, _ = stamp_dist.load_pruned(out)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), again.eval()(x))
+
+
+def test_prune_cli_takes_a_method_and_warns_about_the_generator_it_ignores(tiny_run, tiny_generator, digits,
+                                                                           tmp_path, capsys):
+    argv = ["prune", "--method", "l1", "--generator", str(tiny_generator), "--data", str(digits), "--budget", "0.4",
+            "--out", str(tmp_path / "l1"), "runtime.device=cpu", "prune.samples_per_class=5",
+            f"pretrain.out={tiny_run}/pretrain"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "pruned model (l1)" in captured.out
+    assert "warning: --generator is not used by --method l1; ignored" in captured.err
+    _, spec = stamp_dist.load_pruned(tmp_path / "l1")
+    assert spec.report["method"] == "l1" and spec.report["backbone"] == f"{tiny_run}/pretrain"
+
+
+def test_bench_cache_keys_hold_each_methods_settings(tiny_run, tiny_generator, tmp_path):
+    """The keys of cached cells must not change with the code's layout: the cache on disk depends on them."""
+    cfg = tiny_config(tiny_run, f"meta.out={tiny_generator}", f"bench.targets=[{tiny_run}/data/targets/digits]",
+                      f"bench.methods=[{','.join(METHODS)}]")
+    b = bench.Bench(cfg, torch.device("cpu"))
+    keys = {c.method: b.key(c) for c in bench.plan_cells(cfg)}
+    common = {"target", "train_per_class", "epochs", "seed", "method", "budget", "backbone", "eval_per_class",
+              "pruning_batch_per_class", "finetune"}
+    extra = {m: set(k) - common for m, k in keys.items()}
+    assert extra == {**{m: set() for m in METHOD_NAMES}, "learn_gates": {"gates"},
+                     "stamp": {"generator", "allocation", "selection"}}
+    assert keys["learn_gates"]["gates"] == {"steps": 50, "lr": 0.05, "batch": 32, "tau": 0.5, "straight_through": False,
+                                            "prior": "bernoulli", "prior_weight": 0.01, "budget_weight": 50.0}
+    assert keys["stamp"]["generator"] == b.source.generator_id and keys["stamp"]["selection"] == "sample"
