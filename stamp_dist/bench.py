@@ -46,9 +46,11 @@ from pathlib import Path
 import torch
 
 from .atomic import write_json
-from .config import Method, StampConfig, bench_regimes, to_dict
+from .choices import Method
+from .config import StampConfig, bench_regimes, to_dict
 from .data.manifest import Manifest
 from .data.readers import load_split
+from .devices import pick_device
 from .downstream import Target
 from .errors import StampError
 from .finetune import finetune_model
@@ -56,7 +58,6 @@ from .measure import count_macs_params, latency_report
 from .meta.artifact import load_generator
 from .methods import METHODS, Finetuned, Job, Source
 from .pruning.hardmask import check_budget
-from .training import pick_device
 
 
 @dataclass(frozen=True)

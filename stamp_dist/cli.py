@@ -8,7 +8,7 @@ import errno
 import sys
 from typing import Callable, Sequence
 
-from .config import METHOD_NAMES
+from .choices import METHOD_NAMES
 from .errors import EXIT_STOPPED, EXIT_USER_ERROR, StampError, Stopped
 
 CONVERT_SOURCES = ("imagefolder", "cifar10", "cifar100", "svhn", "numpy", "wds", "idx")
@@ -55,7 +55,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
 
 def _cmd_meta_train(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    from .meta.trainer import meta_train
+    from .metatrain import meta_train
 
     print(f"generators: {meta_train(cfg)}")
 

@@ -8,9 +8,7 @@ outside the allowed choices) into a ``StampError`` naming the key and the valid 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -18,42 +16,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from .choices import (ALLOCATIONS, BACKBONES, CHANNEL_STATS, METHOD_NAMES, PRIORS, SELECTIONS, TASK_TRANSFORMS,
+                      is_factory)
 from .errors import StampError
 from .ranges import check_numbers
-
-
-class Method(str, Enum):
-    """The pruning methods (`stamp prune --method`, ``bench.methods``): the dense reference, the score-based
-    baselines of pruning/baselines.py, train-then-prune, gates learned on the target (pruning/gates.py) and
-    STAMP. Their implementations are the registry ``stamp_dist.methods.METHODS``; the names live here, in the
-    base layer, so that loading a config checks them without importing torch."""
-
-    DENSE = "dense"
-    RANDOM = "random"
-    L1 = "l1"
-    SNIP = "snip"
-    GRASP = "grasp"
-    SYNFLOW = "synflow"
-    TAYLOR = "taylor"
-    MAGNITUDE = "magnitude"
-    TRAIN_PRUNE = "train_prune"
-    LEARN_GATES = "learn_gates"
-    STAMP = "stamp"
-
-    __str__ = str.__str__  # f-strings and joins show the name itself, as for a plain string
-    __format__ = str.__format__
-
-
-METHOD_NAMES = tuple(m.value for m in Method)
-
-BACKBONES = ("convnet", "resnet20", "resnet56", "resnet18", "resnet50", "vgg19_bn", "mobilenet_v2",
-             "mobilenet_v2_cifar")
-# model.backbone may also name a factory of the user's own network: "package.module:function"
-_FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
-ALLOCATIONS = ("learned", "uniform")  # prune.allocation: pruning/hardmask.py
-TASK_TRANSFORMS = ("gray", "invert", "lowres")  # meta.task_transforms: data/transforms.py
-CHANNEL_STATS = ("activity", "fisher", "taylor", "redundancy")  # meta.stats: meta/set_inputs.py
-SELECTIONS = ("top", "sample")  # prune.selection: meta/objective.py hard_masks
 
 
 @dataclass
@@ -262,13 +228,8 @@ class StampConfig:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
-def is_factory(backbone: str) -> bool:
-    """Whether ``backbone`` has the form of a factory, ``package.module:function`` (not whether it imports)."""
-    return _FACTORY.fullmatch(backbone) is not None
-
-
 CHOICES: dict[str, Sequence[Any]] = {
-    "meta.prior": ("bernoulli", "beta_bernoulli", "none"),
+    "meta.prior": PRIORS,
     "meta.allocation": ALLOCATIONS,
     "prune.allocation": (None, *ALLOCATIONS),
     "prune.selection": SELECTIONS,

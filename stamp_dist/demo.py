@@ -17,7 +17,7 @@ from .config import StampConfig, to_dict
 from .data.demo import FASHION_INSTALL, make_demo_data
 from .data.manifest import MANIFEST
 from .errors import StampError
-from .meta.trainer import meta_train
+from .metatrain import meta_train
 from .pretrain import pretrain
 from .report import aggregate, plot_keep_ratios, plot_top1, summarize
 from .verdict import verdict

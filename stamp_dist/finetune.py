@@ -11,9 +11,10 @@ from .atomic import check_writable
 from .config import FinetuneConfig
 from .data.manifest import Manifest
 from .data.readers import Normalization, load_split
+from .devices import pick_device
 from .errors import StampError
 from .pruning.spec import load_pruned, save_pruned
-from .training import evaluate, fit, pick_device
+from .training import evaluate, fit
 
 
 def finetune_model(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],

@@ -1,4 +1,4 @@
-"""The registry of pruning methods: ``METHODS``, one ``PruningMethod`` per ``config.Method``, which
+"""The registry of pruning methods: ``METHODS``, one ``PruningMethod`` per ``choices.Method``, which
 `stamp prune --method` (``prune_with``) and `stamp bench` both read.
 
 A method, as in Torch-Pruning's ``Importance`` protocol, is a small stateless object: its ``name``, its
@@ -27,22 +27,24 @@ import torch
 from omegaconf import OmegaConf
 
 from .atomic import check_writable
-from .config import Method, PruneConfig, StampConfig, validate
+from .choices import Method
+from .config import PruneConfig, StampConfig, validate
 from .data.readers import Normalization
+from .devices import pick_device
 from .downstream import Target, adapt_generator, build_pruned, load_target, stamp_masks
 from .errors import StampError
 from .finetune import finetune_model
 from .measure import count_macs_params, latency_ms
 from .meta.artifact import Generator, backbone_fingerprint, load_generator
 from .models.backbones import Backbone
+from .models.saved import load_backbone
 from .pruning.baselines import SCORES, Score, baseline_masks, dense_masks, l1_scores
-from .pruning.gates import gate_masks
+from .pruning.gates import GateSettings, gate_masks
 from .pruning.groups import ChannelGroups, discover_groups
 from .pruning.hardmask import check_budget, uniform_ratio_masks
 from .pruning.macs import CostModel
 from .pruning.spec import PruningSpec, save_pruned
 from .pruning.surgery import prune_model
-from .training import pick_device
 
 
 class Family(Enum):
@@ -69,8 +71,6 @@ class Source:
 
     @classmethod
     def load(cls, directory: str | Path, device: torch.device) -> "Source":
-        from .pretrain import load_backbone
-
         backbone, meta = load_backbone(directory)
         backbone = backbone.to(device).eval().requires_grad_(False)
         size = meta["image_size"]
@@ -232,10 +232,11 @@ class LearnGates(MaskMethod):
                           "prior_weight": m.prior_weight, "budget_weight": m.budget_weight}}
 
     def masks(self, source: Source, job: Job) -> list[torch.Tensor]:
-        b, x = job.cfg.bench, job.sample.x.to(source.device)
+        m, b, x = job.cfg.meta, job.cfg.bench, job.sample.x.to(source.device)
+        gates = GateSettings(m.tau, m.straight_through, m.prior, m.prior_keep, m.prior_weight, m.budget_weight,
+                             b.gate_steps, b.gate_lr, b.gate_batch)
         return gate_masks(source.backbone, source.groups, source.cost, source.norm(x), job.sample.y.to(source.device),
-                          job.sample.num_classes, job.budget, job.cfg.meta, b.gate_steps, b.gate_lr, b.gate_batch,
-                          job.seed)
+                          job.sample.num_classes, job.budget, gates, job.seed)
 
 
 class Stamp(MaskMethod):

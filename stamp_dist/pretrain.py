@@ -3,7 +3,7 @@
 Output, in ``pretrain.out``::
 
     backbone.safetensors   the trained state dict
-    backbone.json          what ``load_backbone`` needs to rebuild it, plus metrics and the run's settings
+    backbone.json          what ``models.saved.load_backbone`` needs to rebuild it, plus metrics and the run's settings
     checkpoint/            state after the last finished epoch; a re-run resumes from it
 
 A re-run with the same settings returns the finished artifact at once; with more epochs it resumes
@@ -18,19 +18,16 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_file, read_json, write_json
+from .atomic import read_json
 from .config import to_dict
 from .data.manifest import MANIFEST
 from .data.readers import Normalization, load_split
+from .devices import pick_device
 from .errors import StampError
-from .integrity import HASH_KEY, load_tensors, save_tensors
-from .models.backbones import Backbone, build_backbone
+from .models.backbones import build_backbone
+from .models.saved import META, WEIGHTS, save_backbone
 from .pruning import check_prunable, discover_groups
-from .records import check_record
-from .training import fit, pick_device
-
-WEIGHTS, META = "backbone.safetensors", "backbone.json"
-
+from .training import fit
 
 def _run_key(cfg) -> dict:
     """Settings that determine the trained weights, except ``epochs`` (a run may be extended)."""
@@ -97,35 +94,3 @@ def pretrain(cfg) -> Path:
     print(f"pretrained {cfg.model.backbone}: held-out top-1 {top1:.4f} after {pc.epochs} epochs "
           f"({meta['train_seconds']:.0f} s training) → {out / WEIGHTS}")
     return out
-
-
-def save_backbone(directory: str | Path, model: Backbone, meta: dict) -> None:
-    """Write ``backbone.safetensors`` + ``backbone.json`` (``meta`` must hold backbone, width, num_classes);
-    the record holds the weights' sha256."""
-    directory = Path(directory)
-    (directory / META).unlink(missing_ok=True)  # the record goes last: weights without a record are never trusted
-    with atomic_file(directory / WEIGHTS) as tmp:
-        digest = save_tensors(model.state_dict(), tmp, f"the {meta['backbone']} backbone")
-    write_json(directory / META, {**meta, HASH_KEY: digest})
-
-
-REQUIRED = {"backbone": str, "width": int, "num_classes": int, "image_size": int, "mean": list, "std": list}
-
-
-
-def load_backbone(directory: str | Path, fix: str = "re-run `stamp pretrain`") -> tuple[Backbone, dict]:
-    """Rebuild a pretrained backbone from ``backbone.json`` + ``backbone.safetensors`` (hash-checked, strict),
-    in eval mode. ``fix`` ends every error message (what the user should do about a damaged backbone)."""
-    directory = Path(directory)
-    meta = read_json(directory / META, "backbone record")
-    check_record(meta, REQUIRED, directory / META, fix)
-    try:
-        model = build_backbone(meta["backbone"], meta["num_classes"], meta["width"], meta["image_size"])
-    except (StampError, RuntimeError) as e:
-        raise StampError(f"{directory / META}: {e}; {fix}") from None
-    state = load_tensors(directory / WEIGHTS, "backbone weights", meta.get(HASH_KEY), fix)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise StampError(f"{directory / WEIGHTS} does not match {META} ({str(e).splitlines()[0]}); {fix}") from None
-    return model.eval(), meta

@@ -22,7 +22,7 @@ import numpy as np
 
 from .atomic import atomic_file, write_json
 from .bench import BenchRun, regime_name
-from .config import Method
+from .choices import Method
 from .methods import METHODS, Family
 
 ROW_KEY = ("target", "train_per_class", "method", "budget")

@@ -29,15 +29,6 @@ from .progress import progress
 Split = tuple[torch.Tensor, torch.Tensor, Normalization]  # (uint8 images, labels, input statistics)
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise StampError("runtime.device is 'cuda' but no CUDA GPU is available; use 'auto' or 'cpu'")
-    return torch.device(name)
-
-
 def augment(images: torch.Tensor, generator: torch.Generator, flip: bool = True, pad: int = 4) -> torch.Tensor:
     """Random crop with ``pad``-pixel zero padding and (if ``flip``) random horizontal flips, on uint8."""
     b, _, h, w = images.shape

@@ -74,7 +74,7 @@ def tiny_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_generator(tiny_run, tmp_path_factory) -> Path:
     """A meta-trained generator run directory (4 steps) on ``tiny_run``."""
-    from stamp_dist.meta.trainer import meta_train
+    from stamp_dist.metatrain import meta_train
 
     out = tmp_path_factory.mktemp("tiny_meta")
     meta_train(tiny_config(tiny_run, f"meta.out={out}"))

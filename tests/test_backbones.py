@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from stamp_dist.config import BACKBONES
+from stamp_dist.choices import BACKBONES
 from stamp_dist.errors import StampError
 from stamp_dist.models.backbones import build_backbone, replace_head
 

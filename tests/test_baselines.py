@@ -190,26 +190,29 @@ def test_tp_scores_uses_given_importance():
 
 
 def _gate_setup(budget_weight=50.0):
-    from stamp_dist.config import MetaConfig
+    from stamp_dist.pruning.gates import GateSettings
 
     model, groups = _setup("convnet")
     model.eval().requires_grad_(False)
     cost = CostModel(model, groups, (3, SIZE, SIZE))
     x, y = _batch(n=20)
-    return model, groups, cost, x, y, MetaConfig(budget_weight=budget_weight)
+    gates = lambda steps, lr: GateSettings(tau=0.5, straight_through=False, prior="bernoulli", prior_keep=None,  # noqa: E731
+                                           prior_weight=0.01, budget_weight=budget_weight, steps=steps, lr=lr,
+                                           batch_size=8)
+    return model, groups, cost, x, y, gates
 
 
 def test_learned_gates_start_at_the_budget_and_train_only_gates_and_head():
     from stamp_dist.models.generator import keep_probability
     from stamp_dist.pruning.gates import learn_gate_logits
 
-    model, groups, cost, x, y, meta = _gate_setup()
+    model, groups, cost, x, y, gates = _gate_setup()
     state = copy.deepcopy(model.state_dict())
     # lr 0: the logits stay at their initial value logit(√b): each channel kept with probability √b
-    logits = learn_gate_logits(model, groups, cost, x, y, 5, 0.36, meta, steps=2, lr=0.0, batch_size=8, seed=0)
+    logits = learn_gate_logits(model, groups, cost, x, y, 5, 0.36, gates(steps=2, lr=0.0), seed=0)
     assert all(torch.allclose(keep_probability(a), torch.full_like(a, 0.6)) for a in logits)
-    trained = learn_gate_logits(model, groups, cost, x, y, 5, 0.36, meta, steps=5, lr=0.1, batch_size=8, seed=0)
-    again = learn_gate_logits(model, groups, cost, x, y, 5, 0.36, meta, steps=5, lr=0.1, batch_size=8, seed=0)
+    trained = learn_gate_logits(model, groups, cost, x, y, 5, 0.36, gates(steps=5, lr=0.1), seed=0)
+    again = learn_gate_logits(model, groups, cost, x, y, 5, 0.36, gates(steps=5, lr=0.1), seed=0)
     assert all(torch.equal(a, b) for a, b in zip(trained, again))  # seeded
     assert not all(torch.equal(a, b) for a, b in zip(trained, logits))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
@@ -220,13 +223,13 @@ def test_learned_gates_follow_the_budget_penalty_and_give_masks_at_the_budget():
     from stamp_dist.models.generator import keep_probability
     from stamp_dist.pruning.gates import gate_masks, learn_gate_logits
 
-    model, groups, cost, x, y, meta = _gate_setup(budget_weight=1e4)
+    model, groups, cost, x, y, gates = _gate_setup(budget_weight=1e4)
     # the initial expected ratio (√b per channel) is off the budget for this net; the penalty pulls it in
     expected = lambda ls: float(cost.macs([keep_probability(a) for a in ls]) / cost.dense_macs)  # noqa: E731
-    start = expected(learn_gate_logits(model, groups, cost, x, y, 5, 0.2, meta, 1, 0.0, 8, 0))
-    end = expected(learn_gate_logits(model, groups, cost, x, y, 5, 0.2, meta, 60, 0.05, 8, 0))
+    start = expected(learn_gate_logits(model, groups, cost, x, y, 5, 0.2, gates(1, 0.0), 0))
+    end = expected(learn_gate_logits(model, groups, cost, x, y, 5, 0.2, gates(60, 0.05), 0))
     assert abs(end - 0.2) < abs(start - 0.2) / 3
-    masks = gate_masks(model, groups, cost, x, y, 5, 0.2, meta, 10, 0.05, 8, 0)
+    masks = gate_masks(model, groups, cost, x, y, 5, 0.2, gates(10, 0.05), 0)
     assert [m.dtype for m in masks] == [torch.bool] * len(groups)
     assert float(cost.macs([m.float() for m in masks])) / cost.dense_macs <= 0.2
 
@@ -237,7 +240,7 @@ def test_learned_gates_follow_the_budget_penalty_and_give_masks_at_the_budget():
 def test_train_then_prune_ranks_the_fine_tuned_weights_and_keeps_them(tiny_run):
     from conftest import tiny_config
     from stamp_dist import bench
-    from stamp_dist.config import Method
+    from stamp_dist.choices import Method
     from stamp_dist.methods import METHODS
     from stamp_dist.pruning.hardmask import uniform_ratio_masks
 

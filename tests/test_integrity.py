@@ -11,7 +11,7 @@ from stamp_dist.checkpoint import load_state, save_state
 from stamp_dist.errors import StampError
 from stamp_dist.integrity import HASH_KEY, load_tensors, save_tensors, sha256_file
 from stamp_dist.meta.artifact import GeneratorStore, load_generator, resolve
-from stamp_dist.pretrain import load_backbone
+from stamp_dist.models.saved import load_backbone
 
 
 def test_every_artifact_records_the_hash_of_its_weights(tiny_run, tiny_generator):

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from stamp_dist.errors import StampError, Stopped
 from stamp_dist.meta.artifact import GeneratorStore, load_generator, resolve
-from stamp_dist.meta.trainer import MetaTrainer, meta_train
+from stamp_dist.meta.trainer import MetaTrainer
+from stamp_dist.metatrain import meta_train
 from stamp_dist.runlog import MetricsLog
 
 

@@ -8,7 +8,7 @@ import stamp_dist
 from conftest import tiny_config
 from stamp_dist import bench
 from stamp_dist.cli import main
-from stamp_dist.config import METHOD_NAMES, Method
+from stamp_dist.choices import METHOD_NAMES, Method
 from stamp_dist.data.readers import Normalization, load_split
 from stamp_dist.errors import StampError
 from stamp_dist.methods import METHODS, Family

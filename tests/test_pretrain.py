@@ -8,11 +8,13 @@ import torch
 from stamp_dist import training
 from stamp_dist.data.readers import Normalization
 from stamp_dist.config import load_config
+from stamp_dist.devices import pick_device
 from stamp_dist.data import demo
 from stamp_dist.data.readers import load_split
 from stamp_dist.data.shards import PerClassShardWriter
 from stamp_dist.errors import StampError
-from stamp_dist.pretrain import load_backbone, pretrain
+from stamp_dist.models.saved import load_backbone
+from stamp_dist.pretrain import pretrain
 
 DEMO_YAML = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -134,5 +136,5 @@ def test_augment_crops_and_flips_uint8():
 
 
 def test_pick_device():
-    assert training.pick_device("cpu").type == "cpu"
-    assert training.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

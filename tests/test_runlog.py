@@ -10,7 +10,8 @@ import pytest
 from conftest import tiny_config
 from stamp_dist.errors import StampError
 from stamp_dist.meta import trainer as trainer_module
-from stamp_dist.meta.trainer import MetaTrainer, meta_train
+from stamp_dist.meta.trainer import MetaTrainer
+from stamp_dist.metatrain import meta_train
 from stamp_dist.runlog import MetricsLog, run_lock
 
 

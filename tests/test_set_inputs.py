@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from stamp_dist.config import CHANNEL_STATS
+from stamp_dist.choices import CHANNEL_STATS
 from stamp_dist.meta.set_inputs import LEGACY_STATS, channel_statistics, read_set
 from stamp_dist.models.backbones import build_backbone
 from stamp_dist.models.generator import MaskGenerator

@@ -6,7 +6,7 @@ targets differ first in such low-level statistics — the demo's real targets ar
 low-resolution — and channels tuned to colour or fine texture are dead weight there. Transforming a
 whole task (support and query alike) makes meta-training see shifted domains, as task augmentation
 does for meta-learning (Yao et al., ICML 2021; Ni et al., ICLR 2021). The names are
-``config.TASK_TRANSFORMS``; ``meta.task_transforms`` chooses which are drawn, each with probability
+``choices.TASK_TRANSFORMS``; ``meta.task_transforms`` chooses which are drawn, each with probability
 ``meta.task_transform_prob`` per task.
 
 * ``gray``: luminance (ITU-R 601 weights) in all three channels.

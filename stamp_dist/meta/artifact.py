@@ -32,6 +32,7 @@ from ..integrity import HASH_KEY, load_tensors, save_tensors
 from ..ranges import check_numbers
 from ..records import check_record
 from ..models.backbones import Backbone
+from ..models.saved import load_backbone, save_backbone
 from ..pruning.groups import ChannelGroups, discover_groups
 from ..pruning.macs import CostModel
 from .objective import Stamp
@@ -57,8 +58,6 @@ def group_layout(groups: ChannelGroups) -> list[dict]:
 
 def save_generator(directory: str | Path, stamp: Stamp, backbone: Backbone, backbone_meta: dict,
                    groups: ChannelGroups, meta_cfg: dict, step: int, metrics: dict) -> None:
-    from ..pretrain import save_backbone
-
     info = {
         "format": FORMAT,
         "backbone": {**{k: backbone_meta[k] for k in ("backbone", "width", "image_size", "mean", "std")},
@@ -135,8 +134,6 @@ def _meta_config(meta: Any, path: Path, fix: str) -> MetaConfig:
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
-    from ..pretrain import load_backbone
-
     path = resolve(path)
     record = path / "generator.json"
     fix = (f"the generator artifact {path} is damaged: copy it again, or publish a new one with `stamp meta-train` "

@@ -2,7 +2,7 @@
 
 * ``features`` ``[N, K, D]``: penultimate features per class, the set encoder's input (→ task embedding ``r``);
 * ``channel_stats``: per channel group ``g``, a ``[C_g, S]`` matrix describing how each channel
-  responds to *this* set, one column per statistic named in ``meta.stats`` (``config.CHANNEL_STATS``),
+  responds to *this* set, one column per statistic named in ``meta.stats`` (``choices.CHANNEL_STATS``),
   each standardised across the group's channels:
 
   - ``activity``: mean ReLU'd, spatially pooled activation (log-scaled);

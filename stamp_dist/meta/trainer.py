@@ -19,14 +19,15 @@ from ..config import MetaConfig, StampConfig, to_dict
 from ..data.episodes import ClassPool, Episode, EpisodeSampler, split_classes, task_families
 from ..data.manifest import Manifest
 from ..data.readers import Normalization
+from ..devices import pick_device
 from ..errors import StampError, Stopped
 from ..models.backbones import Backbone
+from ..models.saved import load_backbone
 from ..progress import progress
 from ..pruning.groups import ChannelGroups, discover_groups
 from ..pruning.macs import CostModel
-from ..runlog import MetricsLog, run_lock
+from ..runlog import MetricsLog
 from ..signals import StopRequest, stop_requests
-from ..training import pick_device
 from .artifact import GeneratorStore, save_generator
 from .objective import EpisodeOutput, Stamp, check_finite, episode_loss, episode_rng, validate_episode
 
@@ -46,8 +47,6 @@ class MetaModel:
 
     @classmethod
     def build(cls, cfg: StampConfig, device: torch.device) -> "MetaModel":
-        from ..pretrain import load_backbone
-
         m = cfg.meta
         torch.manual_seed(m.seed)
         backbone, backbone_meta = load_backbone(cfg.pretrain.out)
@@ -227,16 +226,3 @@ def step_postfix(metrics: dict) -> dict[str, str]:
 def validation_line(step: int, metrics: dict) -> str:
     return (f"step {step}: val_acc {metrics['val_acc']:.3f} "
             f"(hard masks, max |ratio-b| {metrics['val_ratio_error']:.3f})")
-
-
-def meta_train(cfg: StampConfig) -> Path:
-    """`stamp meta-train`: train (or resume) and return the run's generator store.
-
-    ``runtime.backend=ray`` runs the same objective on Ray Train + DeepSpeed workers (``stamp_dist.dist``).
-    """
-    with run_lock(cfg.meta.out, "meta.out"):
-        if cfg.runtime.backend == "ray":
-            from ..dist.launch import meta_train_ray
-
-            return meta_train_ray(cfg)
-        return MetaTrainer(cfg).run()

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from ..config import is_factory
+from ..choices import is_factory
 from ..errors import StampError
 from .mobilenet import MobileNetV2
 
@@ -240,7 +240,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
 
 def build_backbone(backbone: str | nn.Module, num_classes: int, width: int = 16, image_size: int = 32,
                    weights: str | Path | None = None) -> Backbone:
-    """A backbone with a ``num_classes`` head: by name (``stamp_dist.config.BACKBONES``; ``width`` applies
+    """A backbone with a ``num_classes`` head: by name (``stamp_dist.choices.BACKBONES``; ``width`` applies
     to the CIFAR ResNets, the ConvNet and MobileNetV2-CIFAR), by a factory ``package.module:function``
     (called without arguments) or from an ``nn.Module`` (copied). ``weights``: a state dict for the
     network as built, loaded strictly before the head is replaced (:func:`load_weights`).

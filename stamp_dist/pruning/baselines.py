@@ -68,7 +68,7 @@ import torch_pruning as tp
 from torch.func import functional_call
 from torch.nn.modules.conv import _ConvNd
 
-from ..config import Method
+from ..choices import Method
 from ..errors import StampError
 from .groups import ChannelGroups, Group, build_graph
 from .hardmask import check_budget, uniform_ratio_masks

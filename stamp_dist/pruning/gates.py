@@ -10,6 +10,9 @@ generator that predict the logits for a new task. (A freshly initialised STAMP g
 an encoder and trunk whose input, one task embedding, is constant on a single target: free logits
 are the same model without those inert parameters.)
 
+What it reads of the config comes as one ``GateSettings`` (``meta.*`` for the mask distribution and loss,
+``bench.gate_*`` for the optimisation; ``methods.py`` builds it), so this layer does not import the config.
+
 Setting, as in a STAMP meta-training episode: the pretrained backbone is frozen in eval mode (BN
 uses its reference statistics) and masked by the gates; a linear head for the target, initialised
 from the class prototypes of the dense features, is trained jointly with the gates. Every gate logit
@@ -21,10 +24,11 @@ random images of the sample (no augmentation); the step count is a config value
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from ..config import MetaConfig
 from ..models.backbones import Backbone
 from ..models.heads import prototype_head
 from ..models.generator import (budget_offset, budget_penalty, hard_concrete_sample, keep_probability, prior_keep_rate,
@@ -35,9 +39,25 @@ from .macs import CostModel
 from .masking import masked
 
 
+@dataclass(frozen=True)
+class GateSettings:
+    """STAMP's mask distribution and loss weights (``meta.tau`` … ``meta.budget_weight``) and the gates'
+    optimisation (``bench.gate_steps``, ``gate_lr``, ``gate_batch``)."""
+
+    tau: float
+    straight_through: bool
+    prior: str
+    prior_keep: float | None
+    prior_weight: float
+    budget_weight: float
+    steps: int
+    lr: float
+    batch_size: int
+
+
 def learn_gate_logits(backbone: Backbone, groups: ChannelGroups, cost: CostModel, images: torch.Tensor,
-                      labels: torch.Tensor, num_classes: int, budget: float, meta: MetaConfig, steps: int,
-                      lr: float, batch_size: int, seed: int) -> list[torch.Tensor]:
+                      labels: torch.Tensor, num_classes: int, budget: float, gates: GateSettings,
+                      seed: int) -> list[torch.Tensor]:
     """Train per-channel gate logits (and a head) on ``images`` (normalised, on the backbone's device)
     and ``labels`` (``0..num_classes-1``); returns the final logits, one ``[C_g]`` tensor per group."""
     check_budget(budget)
@@ -49,20 +69,20 @@ def learn_gate_logits(backbone: Backbone, groups: ChannelGroups, cost: CostModel
     with torch.no_grad():
         head = prototype_head(backbone.forward_features(images), labels, num_classes, unit_scale=True)
     weight, bias = (head[k].clone().requires_grad_() for k in ("fc.weight", "fc.bias"))
-    opt = torch.optim.Adam([*logits, weight, bias], lr=lr)
+    opt = torch.optim.Adam([*logits, weight, bias], lr=gates.lr)
     rng = torch.Generator().manual_seed(seed)
     mask_rng = torch.Generator(device=device).manual_seed(seed)
     try:
-        for _ in range(steps):
-            idx = torch.randperm(len(labels), generator=rng)[:batch_size].to(device)
-            z = [hard_concrete_sample(a, meta.tau, generator=mask_rng, straight_through=meta.straight_through)
+        for _ in range(gates.steps):
+            idx = torch.randperm(len(labels), generator=rng)[:gates.batch_size].to(device)
+            z = [hard_concrete_sample(a, gates.tau, generator=mask_rng, straight_through=gates.straight_through)
                  for a in logits]
             with masked(backbone, groups, z):
                 out = F.linear(backbone.forward_features(images[idx]), weight, bias)
             ratio = cost.macs([keep_probability(a) for a in logits]) / cost.dense_macs
-            prior = prior_kl(logits, meta.prior, prior_keep_rate(meta.prior_keep, budget))
-            loss = (F.cross_entropy(out, labels[idx]) + meta.prior_weight * prior
-                    + meta.budget_weight * budget_penalty(ratio, budget))
+            prior = prior_kl(logits, gates.prior, prior_keep_rate(gates.prior_keep, budget))
+            loss = (F.cross_entropy(out, labels[idx]) + gates.prior_weight * prior
+                    + gates.budget_weight * budget_penalty(ratio, budget))
             opt.zero_grad(set_to_none=True)
             loss.backward(inputs=[*logits, weight, bias])  # never into the backbone's .grad
             opt.step()
@@ -72,9 +92,8 @@ def learn_gate_logits(backbone: Backbone, groups: ChannelGroups, cost: CostModel
 
 
 def gate_masks(backbone: Backbone, groups: ChannelGroups, cost: CostModel, images: torch.Tensor,
-               labels: torch.Tensor, num_classes: int, budget: float, meta: MetaConfig, steps: int, lr: float,
-               batch_size: int, seed: int) -> list[torch.Tensor]:
+               labels: torch.Tensor, num_classes: int, budget: float, gates: GateSettings,
+               seed: int) -> list[torch.Tensor]:
     """Hard keep masks at ``budget`` from gates learned on the target (STAMP's hard-mask rule)."""
-    logits = learn_gate_logits(backbone, groups, cost, images, labels, num_classes, budget, meta, steps, lr,
-                               batch_size, seed)
+    logits = learn_gate_logits(backbone, groups, cost, images, labels, num_classes, budget, gates, seed)
     return budget_mask([keep_probability(a) for a in logits], cost, budget)

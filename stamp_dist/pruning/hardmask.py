@@ -36,7 +36,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..config import ALLOCATIONS
+from ..choices import ALLOCATIONS
 from ..errors import StampError
 from .macs import CostModel
 from .masking import check_masks
