@@ -29,17 +29,16 @@ from stamp_dist.data.shards import PerClassShardWriter
 from stamp_dist.meta.artifact import save_generator
 from stamp_dist.meta.objective import Stamp
 from stamp_dist.models.backbones import build_backbone
-from stamp_dist.pruning.groups import discover_groups
+from stamp_dist.pruning.prunable import PrunableBackbone
 
 
 def make_artifact(directory: Path, backbone_name: str, size: int) -> None:
-    backbone = build_backbone(backbone_name, 100).eval()
-    groups = discover_groups(backbone, torch.zeros(1, 3, size, size))
+    record = {"backbone": backbone_name, "width": 16, "num_classes": 100, "image_size": size,
+              "mean": [0.5] * 3, "std": [0.25] * 3}
+    net = PrunableBackbone.build(build_backbone(backbone_name, 100).eval(), record)
     meta = MetaConfig()
-    stamp = Stamp(backbone.feature_dim, groups.sizes, meta)
-    backbone_meta = {"backbone": backbone_name, "width": 16, "num_classes": 100, "image_size": size,
-                     "mean": [0.5] * 3, "std": [0.25] * 3}
-    save_generator(directory, stamp, backbone, backbone_meta, groups, dataclasses.asdict(meta), 0, {})
+    stamp = Stamp(net.backbone.feature_dim, net.groups.sizes, meta)
+    save_generator(directory, stamp, net, dataclasses.asdict(meta), 0, {})
 
 
 def make_target(directory: Path, size: int, classes: int = 10, per_class: int = 10) -> None:

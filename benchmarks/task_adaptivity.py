@@ -36,7 +36,6 @@ from stamp_dist.finetune import finetune_model
 from stamp_dist.config import MetaConfig, load_config
 from stamp_dist.data.episodes import ClassPool, EpisodeSampler, split_classes, task_families
 from stamp_dist.data.manifest import Manifest
-from stamp_dist.data.readers import Normalization
 from stamp_dist.meta.artifact import load_generator
 from stamp_dist.meta.objective import adapted_logits, hard_masks
 from stamp_dist.meta.trainer import validation_episodes
@@ -44,7 +43,7 @@ from stamp_dist.meta.set_inputs import SetInputs
 
 
 def read(gen, norm, x, n_way) -> SetInputs:
-    return gen.stamp.read(gen.backbone, gen.groups, norm(x), n_way)
+    return gen.stamp.read(gen.net, norm(x), n_way)
 
 
 def embedding(gen, inputs: SetInputs) -> torch.Tensor:
@@ -101,8 +100,8 @@ def paired_on_tasks(cfg, gen, norm, episodes, constant_stamp, constant_inputs) -
     inputs = [read(gen, norm, ep.support_x, ep.n_way) for ep in episodes]
 
     def accuracy(ep, stamp, inp) -> float:
-        masks = [k.float() for k in hard_masks(stamp, gen.cost, inp, ep.budget, allocation=cfg.prune.allocation)]  # top
-        out = adapted_logits(gen.backbone, gen.groups, masks, norm(ep.support_x), ep.support_y, norm(ep.query_x),
+        masks = [k.float() for k in hard_masks(stamp, gen.net.cost, inp, ep.budget, allocation=cfg.prune.allocation)]  # top
+        out = adapted_logits(gen.net, masks, norm(ep.support_x), ep.support_y, norm(ep.query_x),
                              ep.n_way, cfg.meta).detach()
         return float((out.argmax(1) == ep.query_y).float().mean())
 
@@ -130,7 +129,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     gen = load_generator(cfg.meta.out)
-    norm = Normalization.of(gen.backbone_meta)
+    norm = gen.net.norm
     budget = cfg.bench.budgets[0]
     constant_stamp, constant_inputs = average_task(cfg, gen, norm)
 
@@ -144,12 +143,12 @@ def main() -> None:
     allocation = gen.stamp.allocation_for(cfg.prune.allocation)
     p = cfg.prune
     # What the generator prefers (no sampling noise): for the overlap measurements.
-    top = {k: hard_masks(gen.stamp, gen.cost, i, budget, allocation=allocation) for k, i in inputs.items()}
-    const_top = hard_masks(constant_stamp, gen.cost, constant_inputs, budget, allocation=allocation)
+    top = {k: hard_masks(gen.stamp, gen.net.cost, i, budget, allocation=allocation) for k, i in inputs.items()}
+    const_top = hard_masks(constant_stamp, gen.net.cost, constant_inputs, budget, allocation=allocation)
     # What a user gets (the configured selection; a sampled mask draws the seed's noise for both inputs).
-    masks = {k: hard_masks(gen.stamp, gen.cost, i, budget, allocation=allocation, selection=p.selection, seed=k[1])
+    masks = {k: hard_masks(gen.stamp, gen.net.cost, i, budget, allocation=allocation, selection=p.selection, seed=k[1])
              for k, i in inputs.items()}
-    const_masks = {k: hard_masks(constant_stamp, gen.cost, constant_inputs, budget, allocation=allocation,
+    const_masks = {k: hard_masks(constant_stamp, gen.net.cost, constant_inputs, budget, allocation=allocation,
                                  selection=p.selection, seed=k[1]) for k in inputs}
 
     names = [Path(t).name for t in cfg.bench.targets]
@@ -166,11 +165,11 @@ def main() -> None:
     for (target, seed), (sample, evaluation) in samples.items():
         for variant, m in (("set-conditioned", masks[(target, seed)]), ("constant input", const_masks[(target, seed)])):
             torch.manual_seed(seed)
-            model = build_pruned(gen.backbone, gen.backbone_meta, gen.groups, m, batches[(target, seed)])
+            model = build_pruned(gen.net, m, batches[(target, seed)])
             result = finetune_model(model, (sample.x, sample.y), evaluation, norm, cfg.finetune, seed, "cpu")
             rows.append({"target": Path(target).name, "variant": variant, "seed": seed, "top1": result["top1"],
                          "top1_before_finetune": result["top1_before"],
-                         "macs_ratio": float(gen.cost.macs([k.float() for k in m]) / gen.cost.dense_macs)})
+                         "macs_ratio": float(gen.net.cost.macs([k.float() for k in m]) / gen.net.cost.dense_macs)})
             print(f"{Path(target).name} {variant} seed {seed}: top-1 {result['top1']:.4f} "
                   f"(prototype head before fine-tuning {result['top1_before']:.4f}; "
                   f"{time.perf_counter() - t0:.0f} s)", flush=True)

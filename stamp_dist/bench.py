@@ -171,7 +171,7 @@ class Bench:
                 raise StampError(f"the generator in {cfg.meta.out} was meta-trained on another backbone than "
                                  f"{cfg.pretrain.out}; compare methods from one backbone (re-run `stamp meta-train`)")
             self.source.generator = generator
-        self.dense_macs, self.dense_params = count_macs_params(self.source.backbone, self.source.input_size)
+        self.dense_macs, self.dense_params = count_macs_params(self.source.net.backbone, self.source.net.input_size)
         self._data: dict[str, TargetData] = {}
         self._dense: dict[tuple, Finetuned] = {}
         self._latency: dict[tuple, dict] = {}
@@ -195,8 +195,8 @@ class Bench:
                    lambda: self.dense_finetune(cell, sample, batch, evaluation))
 
     def finetune(self, model: torch.nn.Module, cell: Cell, sample: Target, evaluation: tuple) -> dict:
-        return finetune_model(model, (sample.x, sample.y), evaluation, self.source.norm, self.cfg.finetune, cell.seed,
-                              self.device, epochs=cell.epochs)
+        return finetune_model(model, (sample.x, sample.y), evaluation, self.source.net.norm, self.cfg.finetune,
+                              cell.seed, self.device, epochs=cell.epochs)
 
     def dense_finetune(self, cell: Cell, sample: Target, batch: Target, evaluation: tuple) -> Finetuned:
         """The dense network with a prototype head, fine-tuned on the sample (a copy). Run once per
@@ -211,7 +211,7 @@ class Bench:
         """Latency depends only on the architecture (kept channels per group, head size): measured once."""
         arch = (*kept, model.fc.out_features)
         if arch not in self._latency:
-            self._latency[arch] = latency_report(model, self.source.input_size)
+            self._latency[arch] = latency_report(model, self.source.net.input_size)
         return self._latency[arch]
 
 
@@ -220,7 +220,7 @@ class Bench:
 
 def kept_channels(model: torch.nn.Module, bench: Bench) -> list[int]:
     """Channels left per group, read from each group's first out-member of the (pruned) model."""
-    return [_out_channels(model.get_submodule(g.name)) for g in bench.source.groups]
+    return [_out_channels(model.get_submodule(g.name)) for g in bench.source.net.groups]
 
 
 def _out_channels(module: torch.nn.Module) -> int:
@@ -243,7 +243,7 @@ def run_cell(bench: Bench, cell: Cell) -> dict:
         dense = bench.dense_finetune(cell, sample, batch, evaluation)
         pruned, result = dense.pruned, dense.result
     model, stages = pruned.model, {**pruned.seconds, "finetune": result["seconds"]}
-    macs, params = count_macs_params(model, bench.source.input_size)
+    macs, params = count_macs_params(model, bench.source.net.input_size)
     kept = kept_channels(model, bench)
     to_model = sum(v for k, v in stages.items() if k != "finetune")
     return {
@@ -351,7 +351,7 @@ def run_bench(cfg: StampConfig, device: str | torch.device | None = None) -> Ben
         eta = (time.perf_counter() - t0) / done_work * remaining
         print(f"[{n}/{len(todo)}] {cell.label()}: top-1 {result['top1']:.3f}, MACs {result['macs_ratio']:.3f}, "
               f"{time.perf_counter() - t:.1f} s (ETA {_duration(eta)})", flush=True)
-    groups = [{"name": g.name, "channels": g.channels} for g in bench.source.groups]
+    groups = [{"name": g.name, "channels": g.channels} for g in bench.source.net.groups]
     return BenchRun(results, groups, machine_info(device), meta_training_seconds(cfg.meta.out), to_dict(cfg),
                     generator_record(bench))
 

@@ -18,13 +18,12 @@ import torch
 from .config import PruneConfig
 from .data.episodes import Task, build_episode
 from .data.manifest import Manifest
-from .data.readers import Normalization, load_split
+from .data.readers import load_split
 from .errors import StampError
 from .meta.artifact import Generator
 from .meta.objective import episode_loss, hard_masks
 from .models.heads import prototype_head
-from .models.backbones import Backbone
-from .pruning.groups import ChannelGroups
+from .pruning.prunable import PrunableBackbone
 from .pruning.surgery import prune_model
 
 
@@ -69,11 +68,10 @@ def adapt_generator(gen: Generator, target: Target, budget: float, steps: int, l
     k = per_class.shape[1] // 2
     if k < 1:
         raise StampError("adaptation needs at least 2 images per class (samples_per_class >= 2)")
-    norm = Normalization.of(gen.backbone_meta)
     for _ in range(steps):
         images = [c[torch.randperm(len(c), generator=rng)] for c in per_class]
         episode = build_episode(images, Task(list(range(target.num_classes)), budget), k)
-        out = episode_loss(gen.backbone, stamp, gen.groups, gen.cost, episode, norm, gen.meta, rng)
+        out = episode_loss(gen.net, stamp, episode, gen.meta, rng)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -83,18 +81,18 @@ def adapt_generator(gen: Generator, target: Target, budget: float, steps: int, l
 def stamp_masks(gen: Generator, stamp, target: Target, budget: float, p: PruneConfig) -> list[torch.Tensor]:
     """Read the target sample with the frozen backbone and turn the generator's keep logits into hard
     masks at ``budget`` under ``p``'s allocation (None = the generator's own), selection, round_to and seed."""
-    x = Normalization.of(gen.backbone_meta)(target.x.to(next(gen.backbone.parameters()).device))
-    return hard_masks(stamp, gen.cost, stamp.read(gen.backbone, gen.groups, x, target.num_classes), budget,
-                      p.round_to, p.allocation, p.selection, p.seed)
+    net = gen.net
+    x = net.norm(target.x.to(net.device))
+    return hard_masks(stamp, net.cost, stamp.read(net, x, target.num_classes), budget, p.round_to, p.allocation,
+                      p.selection, p.seed)
 
 
 @torch.no_grad()
-def build_pruned(backbone: Backbone, backbone_meta: dict, groups: ChannelGroups, masks: list[torch.Tensor],
-                 target: Target) -> torch.nn.Module:
+def build_pruned(net: PrunableBackbone, masks: list[torch.Tensor], target: Target) -> torch.nn.Module:
     """Physically remove the unmasked channels and attach an N-way head initialised from the
     class prototypes of the pruned network's features on the target sample."""
-    pruned = prune_model(backbone, groups, masks)
-    feats = pruned.eval().forward_features(Normalization.of(backbone_meta)(target.x))
+    pruned = prune_model(net.backbone, net.groups, masks)
+    feats = pruned.eval().forward_features(net.norm(target.x))
     head = prototype_head(feats, target.y, target.num_classes, unit_scale=True)
     pruned.fc = torch.nn.Linear(feats.shape[1], target.num_classes)
     pruned.fc.weight.copy_(head["fc.weight"])

@@ -29,20 +29,16 @@ from omegaconf import OmegaConf
 from .atomic import check_writable
 from .choices import Method
 from .config import PruneConfig, StampConfig, validate
-from .data.readers import Normalization
 from .devices import pick_device
 from .downstream import Target, adapt_generator, build_pruned, load_target, stamp_masks
 from .errors import StampError
 from .finetune import finetune_model
 from .measure import count_macs_params, latency_ms
-from .meta.artifact import Generator, backbone_fingerprint, load_generator
-from .models.backbones import Backbone
-from .models.saved import load_backbone
+from .meta.artifact import Generator, load_generator
 from .pruning.baselines import SCORES, Score, baseline_masks, dense_masks, l1_scores
 from .pruning.gates import GateSettings, gate_masks
-from .pruning.groups import ChannelGroups, discover_groups
 from .pruning.hardmask import check_budget, uniform_ratio_masks
-from .pruning.macs import CostModel
+from .pruning.prunable import PrunableBackbone
 from .pruning.spec import PruningSpec, save_pruned
 from .pruning.surgery import prune_model
 
@@ -59,43 +55,23 @@ class Family(Enum):
 
 @dataclass
 class Source:
-    """What every method prunes: the reference-pretrained backbone (eval mode, frozen, on its device) with
-    its channel groups and MACs model, and STAMP's generator when a method uses it."""
+    """What every method prunes: the reference-pretrained backbone (eval mode, frozen, on its device; its
+    channel groups, MACs model and normalisation), and STAMP's generator when a method uses it."""
 
-    backbone: Backbone
-    meta: dict  # backbone.json: architecture, image size, normalisation
-    groups: ChannelGroups
-    cost: CostModel
-    path: Path  # where the backbone was read: a pretrain run, or the generator artifact holding it
+    net: PrunableBackbone  # read from a pretrain run, or from the generator artifact holding it
     generator: Generator | None = None
 
     @classmethod
     def load(cls, directory: str | Path, device: torch.device) -> "Source":
-        backbone, meta = load_backbone(directory)
-        backbone = backbone.to(device).eval().requires_grad_(False)
-        size = meta["image_size"]
-        groups = discover_groups(backbone, torch.zeros(1, 3, size, size, device=device))
-        return cls(backbone, meta, groups, CostModel(backbone, groups, (3, size, size)), Path(directory))
+        return cls(PrunableBackbone.load(directory, device))
 
     @classmethod
     def of_generator(cls, gen: Generator) -> "Source":
-        return cls(gen.backbone, gen.backbone_meta, gen.groups, gen.cost, gen.path, gen)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.backbone.parameters()).device
-
-    @property
-    def input_size(self) -> tuple[int, int, int]:
-        return (3, self.meta["image_size"], self.meta["image_size"])
-
-    @property
-    def norm(self) -> Normalization:
-        return Normalization.of(self.meta)
+        return cls(gen.net, gen)
 
     @cached_property
     def fingerprint(self) -> str:
-        return backbone_fingerprint(self.backbone)
+        return self.net.fingerprint()  # once: every bench cell's key holds it, and the backbone stays frozen
 
     @cached_property
     def generator_id(self) -> str:
@@ -159,7 +135,7 @@ class PruningMethod(ABC):
 
     def record(self, cfg: StampConfig, source: Source) -> dict:
         """What a pruned model's report records of the method's inputs and settings."""
-        return {"backbone": str(source.path), **self.cache_key(cfg, source)}
+        return {"backbone": str(source.net.path), **self.cache_key(cfg, source)}
 
     @abstractmethod
     def prune(self, source: Source, job: Job) -> Pruned:
@@ -178,7 +154,7 @@ class MaskMethod(PruningMethod):
         masks = self.masks(source, job)
         t_masks = time.perf_counter() - t
         t = time.perf_counter()
-        model = build_pruned(source.backbone, source.meta, source.groups, masks, job.batch)
+        model = build_pruned(source.net, masks, job.batch)
         return Pruned(model, masks, {"masks": t_masks, "surgery": time.perf_counter() - t})
 
 
@@ -186,7 +162,7 @@ class Dense(MaskMethod):
     name, family = Method.DENSE, Family.REFERENCE
 
     def masks(self, source: Source, job: Job) -> list[torch.Tensor]:
-        return dense_masks(source.groups)
+        return dense_masks(source.net.groups)
 
 
 class ScoreMethod(MaskMethod):
@@ -197,11 +173,12 @@ class ScoreMethod(MaskMethod):
         self.family = Family.CHANCE if score.chance else Family.SCORE
 
     def masks(self, source: Source, job: Job) -> list[torch.Tensor]:
-        model = source.backbone
+        net = source.net
+        model = net.backbone
         if self.score.reads_loss:  # the target's loss needs a head for the target
-            model = build_pruned(source.backbone, source.meta, source.groups, dense_masks(source.groups), job.batch)
-        return baseline_masks(self.name, model, source.groups, source.cost, job.budget, source.norm(job.batch.x),
-                              job.batch.y, job.seed)
+            model = build_pruned(net, dense_masks(net.groups), job.batch)
+        return baseline_masks(self.name, model, net.groups, net.cost, job.budget, net.norm(job.batch.x), job.batch.y,
+                              job.seed)
 
 
 class TrainPrune(PruningMethod):
@@ -212,10 +189,10 @@ class TrainPrune(PruningMethod):
     def prune(self, source: Source, job: Job) -> Pruned:
         dense = job.dense_finetuned()
         t = time.perf_counter()
-        masks = uniform_ratio_masks(l1_scores(dense.pruned.model, source.groups), source.cost, job.budget)
+        masks = uniform_ratio_masks(l1_scores(dense.pruned.model, source.net.groups), source.net.cost, job.budget)
         t_masks = time.perf_counter() - t
         t = time.perf_counter()
-        model = prune_model(dense.pruned.model, source.groups, masks)  # keeps the fine-tuned head
+        model = prune_model(dense.pruned.model, source.net.groups, masks)  # keeps the fine-tuned head
         return Pruned(model, masks, {"dense_finetune": dense.seconds, "masks": t_masks,
                                      "surgery": time.perf_counter() - t})
 
@@ -232,10 +209,10 @@ class LearnGates(MaskMethod):
                           "prior_weight": m.prior_weight, "budget_weight": m.budget_weight}}
 
     def masks(self, source: Source, job: Job) -> list[torch.Tensor]:
-        m, b, x = job.cfg.meta, job.cfg.bench, job.sample.x.to(source.device)
+        m, b, net = job.cfg.meta, job.cfg.bench, source.net
         gates = GateSettings(m.tau, m.straight_through, m.prior, m.prior_keep, m.prior_weight, m.budget_weight,
                              b.gate_steps, b.gate_lr, b.gate_batch)
-        return gate_masks(source.backbone, source.groups, source.cost, source.norm(x), job.sample.y.to(source.device),
+        return gate_masks(net, net.norm(job.sample.x.to(net.device)), job.sample.y.to(net.device),
                           job.sample.num_classes, job.budget, gates, job.seed)
 
 
@@ -284,8 +261,8 @@ def _finetune_dense(source: Source, job: Job) -> Finetuned:
     the sample with ``finetune.*`` (no held-out images here: it is scored on the sample itself)."""
     dense = METHODS[Method.DENSE].prune(source, job)
     sample = (job.sample.x, job.sample.y)
-    return Finetuned(dense, finetune_model(dense.model, sample, sample, source.norm, job.cfg.finetune, job.seed,
-                                           source.device))
+    return Finetuned(dense, finetune_model(dense.model, sample, sample, source.net.norm, job.cfg.finetune, job.seed,
+                                           source.net.device))
 
 
 def prune_with(method: str, data: str | Path, budget: float, out: str | Path, cfg: StampConfig | None = None,
@@ -316,7 +293,7 @@ def prune_with(method: str, data: str | Path, budget: float, out: str | Path, cf
     source = Source.of_generator(load_generator(generator, dev)) if m.uses_generator else \
         Source.load(cfg.pretrain.out if backbone is None else backbone, dev)
     p = cfg.prune
-    target = load_target(data, p.samples_per_class, source.meta)
+    target = load_target(data, p.samples_per_class, source.net.record)
     target.x, target.y = target.x.to(dev), target.y.to(dev)
     job = Job(target, target, budget, p.seed, cfg, lambda: _finetune_dense(source, job))
     pruned = m.prune(source, job)
@@ -337,8 +314,8 @@ def prune(generator: str | Path, data: str | Path, budget: float, out: str | Pat
 def _save(out: str | Path, source: Source, pruned: Pruned, target: Target, method: Method, budget: float,
           seconds: float, extra: dict) -> dict:
     """Report + atomic save of the pruned model; returns the report (also stored in the spec)."""
-    size = source.input_size
-    dense_macs, dense_params = count_macs_params(source.backbone, size)
+    net, size = source.net, source.net.input_size
+    dense_macs, dense_params = count_macs_params(net.backbone, size)
     macs, params = count_macs_params(pruned.model, size)
     report = {
         "method": method.value, "budget": budget, "target": str(target.path), "classes": target.manifest.classes,
@@ -346,10 +323,10 @@ def _save(out: str | Path, source: Source, pruned: Pruned, target: Target, metho
         "macs_ratio": macs / dense_macs, "params_ratio": params / dense_params,
         "seconds_to_prune": seconds,
         "latency_ms_b64": latency_ms(pruned.model, size, 64),
-        "dense_latency_ms_b64": latency_ms(source.backbone, size, 64),
+        "dense_latency_ms_b64": latency_ms(net.backbone, size, 64),
         **extra,
     }
-    spec = PruningSpec.from_masks(source.meta, source.groups, pruned.masks, num_classes=target.num_classes,
+    spec = PruningSpec.from_masks(net.record, net.groups, pruned.masks, num_classes=target.num_classes,
                                   report=report)
     save_pruned(out, pruned.model, spec)
     return report

@@ -192,27 +192,30 @@ def test_tp_scores_uses_given_importance():
 def _gate_setup(budget_weight=50.0):
     from stamp_dist.pruning.gates import GateSettings
 
+    from stamp_dist.pruning.prunable import PrunableBackbone
+
     model, groups = _setup("convnet")
     model.eval().requires_grad_(False)
-    cost = CostModel(model, groups, (3, SIZE, SIZE))
+    net = PrunableBackbone(model, {"image_size": SIZE}, groups, CostModel(model, groups, (3, SIZE, SIZE)))
     x, y = _batch(n=20)
     gates = lambda steps, lr: GateSettings(tau=0.5, straight_through=False, prior="bernoulli", prior_keep=None,  # noqa: E731
                                            prior_weight=0.01, budget_weight=budget_weight, steps=steps, lr=lr,
                                            batch_size=8)
-    return model, groups, cost, x, y, gates
+    return net, x, y, gates
 
 
 def test_learned_gates_start_at_the_budget_and_train_only_gates_and_head():
     from stamp_dist.models.generator import keep_probability
     from stamp_dist.pruning.gates import learn_gate_logits
 
-    model, groups, cost, x, y, gates = _gate_setup()
+    net, x, y, gates = _gate_setup()
+    model = net.backbone
     state = copy.deepcopy(model.state_dict())
     # lr 0: the logits stay at their initial value logit(√b): each channel kept with probability √b
-    logits = learn_gate_logits(model, groups, cost, x, y, 5, 0.36, gates(steps=2, lr=0.0), seed=0)
+    logits = learn_gate_logits(net, x, y, 5, 0.36, gates(steps=2, lr=0.0), seed=0)
     assert all(torch.allclose(keep_probability(a), torch.full_like(a, 0.6)) for a in logits)
-    trained = learn_gate_logits(model, groups, cost, x, y, 5, 0.36, gates(steps=5, lr=0.1), seed=0)
-    again = learn_gate_logits(model, groups, cost, x, y, 5, 0.36, gates(steps=5, lr=0.1), seed=0)
+    trained = learn_gate_logits(net, x, y, 5, 0.36, gates(steps=5, lr=0.1), seed=0)
+    again = learn_gate_logits(net, x, y, 5, 0.36, gates(steps=5, lr=0.1), seed=0)
     assert all(torch.equal(a, b) for a, b in zip(trained, again))  # seeded
     assert not all(torch.equal(a, b) for a, b in zip(trained, logits))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
@@ -223,14 +226,15 @@ def test_learned_gates_follow_the_budget_penalty_and_give_masks_at_the_budget():
     from stamp_dist.models.generator import keep_probability
     from stamp_dist.pruning.gates import gate_masks, learn_gate_logits
 
-    model, groups, cost, x, y, gates = _gate_setup(budget_weight=1e4)
+    net, x, y, gates = _gate_setup(budget_weight=1e4)
+    cost = net.cost
     # the initial expected ratio (√b per channel) is off the budget for this net; the penalty pulls it in
     expected = lambda ls: float(cost.macs([keep_probability(a) for a in ls]) / cost.dense_macs)  # noqa: E731
-    start = expected(learn_gate_logits(model, groups, cost, x, y, 5, 0.2, gates(1, 0.0), 0))
-    end = expected(learn_gate_logits(model, groups, cost, x, y, 5, 0.2, gates(60, 0.05), 0))
+    start = expected(learn_gate_logits(net, x, y, 5, 0.2, gates(1, 0.0), 0))
+    end = expected(learn_gate_logits(net, x, y, 5, 0.2, gates(60, 0.05), 0))
     assert abs(end - 0.2) < abs(start - 0.2) / 3
-    masks = gate_masks(model, groups, cost, x, y, 5, 0.2, gates(10, 0.05), 0)
-    assert [m.dtype for m in masks] == [torch.bool] * len(groups)
+    masks = gate_masks(net, x, y, 5, 0.2, gates(10, 0.05), 0)
+    assert [m.dtype for m in masks] == [torch.bool] * len(net.groups)
     assert float(cost.macs([m.float() for m in masks])) / cost.dense_macs <= 0.2
 
 
@@ -250,9 +254,9 @@ def test_train_then_prune_ranks_the_fine_tuned_weights_and_keeps_them(tiny_run):
     [cell] = bench.plan_cells(cfg)
     sample, evaluation = bench.split_sample(b.data(cell.target), cell.train_per_class, cell.seed)
     batch = bench.pruning_batch(sample, 5, cell.seed, b.device)
-    g = src.groups[1]
-    pretrained = uniform_ratio_masks(l1_scores(src.backbone, src.groups), src.cost, cell.budget)
-    best = int(l1_scores(src.backbone, src.groups)[1].argmax())
+    g = src.net.groups[1]
+    pretrained = uniform_ratio_masks(l1_scores(src.net.backbone, src.net.groups), src.net.cost, cell.budget)
+    best = int(l1_scores(src.net.backbone, src.net.groups)[1].argmax())
 
     def fine_tune(model, cell, sample, evaluation):  # a "fine-tune" that silences the pretrained ranking's best filter
         with torch.no_grad():
@@ -264,7 +268,7 @@ def test_train_then_prune_ranks_the_fine_tuned_weights_and_keeps_them(tiny_run):
     dense = b.dense_finetune(cell, sample, batch, evaluation)  # the memo: that fine-tuned model
     assert pruned.seconds["dense_finetune"] == pytest.approx(sum(dense.pruned.seconds.values()) + 1.5)
     dense = dense.pruned.model
-    masks = uniform_ratio_masks(l1_scores(dense, src.groups), src.cost, cell.budget)
+    masks = uniform_ratio_masks(l1_scores(dense, src.net.groups), src.net.cost, cell.budget)
     assert pretrained[1][best] and not masks[1][best]  # ranked on the fine-tuned weights
     assert all(torch.equal(a, b) for a, b in zip(pruned.masks, masks))
     kept_out, kept_in = masks[1].nonzero().squeeze(1), masks[0].nonzero().squeeze(1)

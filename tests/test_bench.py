@@ -22,7 +22,7 @@ def test_cells_run_once_then_cached_and_stale_cells_rerun(tiny_run, tiny_generat
         assert r["macs_ratio"] <= r["budget"] + 0.02
         assert set(r["latency_ms"]) == {"cpu_b1", "cpu_b64"} and all(v > 0 for v in r["latency_ms"].values())
         assert r["seconds_total"] == pytest.approx(r["seconds_to_prune"] + r["seconds_to_finetune"])
-    sizes = [g.channels for g in bench.Bench(cfg, torch.device("cpu")).source.groups]
+    sizes = [g.channels for g in bench.Bench(cfg, torch.device("cpu")).source.net.groups]
     assert results[0]["kept"] == sizes and all(0 < k <= c for k, c in zip(results[1]["kept"], sizes))
     cached = json.loads((tmp_path / "digits" / "tpc5" / "stamp_b0.5_s0.json").read_text())
     assert cached["top1"] == results[2]["top1"] and cached["key"]["generator"]

@@ -17,20 +17,18 @@ def test_imagenet_resnet50_config_builds_the_meta_model():
     from stamp_dist.dist.learner import deepspeed_config
     from stamp_dist.meta.objective import Stamp
     from stamp_dist.models.backbones import build_backbone
-    from stamp_dist.pruning.groups import discover_groups
-    from stamp_dist.pruning.macs import CostModel
+    from stamp_dist.pruning.prunable import PrunableBackbone
 
     cfg = load_config(ROOT / "configs" / "imagenet_resnet50.yaml")
     assert cfg.runtime.backend == "ray" and cfg.runtime.use_gpu and cfg.model.backbone == "resnet50"
     backbone = build_backbone(cfg.model.backbone, 1000, width=cfg.model.width).eval()
     assert sum(p.numel() for p in backbone.parameters()) == 25_557_032  # torchvision's ResNet-50
-    groups = discover_groups(backbone, torch.zeros(1, 3, 224, 224))
-    cost = CostModel(backbone, groups, (3, 224, 224))
-    assert 4.0e9 < float(cost.dense_macs) < 4.2e9  # ResNet-50: 4.1 GMACs at 224x224
-    stamp = Stamp(backbone.feature_dim, groups.sizes, cfg.meta)
-    inputs = stamp.read(backbone, groups, torch.randn(10, 3, 64, 64), 5)  # any image size: global pooling
+    net = PrunableBackbone.build(backbone, {"image_size": 224})
+    assert 4.0e9 < float(net.cost.dense_macs) < 4.2e9  # ResNet-50: 4.1 GMACs at 224x224
+    stamp = Stamp(backbone.feature_dim, net.groups.sizes, cfg.meta)
+    inputs = stamp.read(net, torch.randn(10, 3, 64, 64), 5)  # any image size: global pooling
     logits = stamp(inputs, 0.3)
-    assert [a.shape[-1] for a in logits] == groups.sizes
+    assert [a.shape[-1] for a in logits] == net.groups.sizes
     ds = deepspeed_config(cfg, cfg.runtime.num_workers)
     assert ds["train_batch_size"] == cfg.meta.meta_batch * cfg.runtime.num_workers
     assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 1

@@ -65,16 +65,16 @@ def test_keep_probabilities_depend_on_the_target_not_on_sample_order(tiny_genera
     from stamp_dist.models.generator import keep_probability
 
     gen = load_generator(tiny_generator)
-    norm = Normalization.of(gen.backbone_meta)
+    norm = gen.net.norm
 
     def probs(target, order=None):
         x = target.x if order is None else target.x.view(target.num_classes, -1, *target.x.shape[1:])[:, order]
-        inputs = gen.stamp.read(gen.backbone, gen.groups, norm(x.reshape(-1, *target.x.shape[1:])), target.num_classes)
+        inputs = gen.stamp.read(gen.net, norm(x.reshape(-1, *target.x.shape[1:])), target.num_classes)
         with torch.no_grad():
             return torch.cat([keep_probability(a) for a in gen.stamp.eval()(inputs, 0.3)])
 
-    digits = load_target(tiny_run / "data" / "targets" / "digits", 5, gen.backbone_meta)
-    shapes = load_target(tiny_run / "data" / "targets" / "synthetic_heldout", 5, gen.backbone_meta)
+    digits = load_target(tiny_run / "data" / "targets" / "digits", 5, gen.net.record)
+    shapes = load_target(tiny_run / "data" / "targets" / "synthetic_heldout", 5, gen.net.record)
     across_targets = (probs(digits) - probs(shapes)).abs().max()
     across_orders = (probs(digits) - probs(digits, torch.tensor([4, 2, 0, 1, 3]))).abs().max()
     assert across_orders < 1e-5  # a set function: the order of the sample does not matter

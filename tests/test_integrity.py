@@ -67,8 +67,7 @@ def test_a_generator_with_nan_weights_is_not_published(tiny_run, tiny_generator,
         next(gen.stamp.parameters()).fill_(float("nan"))
     store = GeneratorStore(tmp_path / "run")
     with pytest.raises(StampError, match="generator of step 9 has non-finite values"):
-        store.publish(9, 0.5, lambda d: save_generator(d, gen.stamp, gen.backbone, gen.backbone_meta, gen.groups,
-                                                       gen.info["meta"], 9, {}))
+        store.publish(9, 0.5, lambda d: save_generator(d, gen.stamp, gen.net, gen.info["meta"], 9, {}))
     assert not store.root.exists() or not any(store.root.iterdir())
 
 

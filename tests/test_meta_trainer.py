@@ -31,7 +31,7 @@ def test_published_generator_loads_and_matches_training_weights(tiny_run, tiny_g
     weights = load_file(str(resolve(tiny_generator) / "generator.safetensors"))
     for k, v in gen.stamp.state_dict().items():
         assert torch.equal(v, weights[k])
-    assert gen.info["backbone"]["backbone"] == "convnet" and len(gen.groups) == len(gen.info["groups"])
+    assert gen.info["backbone"]["backbone"] == "convnet" and len(gen.net.groups) == len(gen.info["groups"])
 
 
 def test_resume_equals_uninterrupted_run(tiny_run, tmp_path):

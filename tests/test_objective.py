@@ -3,27 +3,24 @@ import torch
 
 from stamp_dist.config import MetaConfig
 from stamp_dist.data.episodes import Task, build_episode
-from stamp_dist.data.readers import Normalization
 from stamp_dist.meta.objective import Stamp, episode_loss, validate_episode
 from stamp_dist.models.heads import prototype_head
 from stamp_dist.models.backbones import build_backbone
-from stamp_dist.pruning.groups import discover_groups
-from stamp_dist.pruning.macs import CostModel
+from stamp_dist.pruning.prunable import PrunableBackbone
 
-NORM = Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+RECORD = {"backbone": "convnet", "width": 8, "num_classes": 5, "image_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3}
 
 
 def setup(**overrides):
     cfg = MetaConfig(encoder_dim=16, encoder_heads=2, encoder_inducing=4, generator_hidden=16, inner_steps=2,
                      **overrides)
     backbone = build_backbone("convnet", 5, width=8).eval().requires_grad_(False)
-    groups = discover_groups(backbone, torch.zeros(1, 3, 16, 16))  # works on a frozen backbone too
-    cost = CostModel(backbone, groups, (3, 16, 16))
-    stamp = Stamp(backbone.feature_dim, groups.sizes, cfg)
+    net = PrunableBackbone.build(backbone, RECORD)  # the groups trace a frozen backbone too
+    stamp = Stamp(backbone.feature_dim, net.groups.sizes, cfg)
     gen = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 255, (5, 3, 16, 16), dtype=torch.uint8, generator=gen) for _ in range(3)]
     episode = build_episode(images, Task([4, 7, 9], 0.4), k_shot=2)
-    return cfg, backbone, groups, cost, stamp, episode
+    return cfg, net, stamp, episode
 
 
 def test_prototype_head_is_nearest_prototype():
@@ -38,34 +35,34 @@ def test_prototype_head_is_nearest_prototype():
 @pytest.mark.parametrize("overrides", [{}, {"first_order": False}, {"adapt_backbone": True},
                                        {"straight_through": True, "prior": "beta_bernoulli"}])
 def test_meta_gradient_reaches_encoder_and_generator(overrides):
-    cfg, backbone, groups, cost, stamp, episode = setup(**overrides)
-    out = episode_loss(backbone, stamp, groups, cost, episode, NORM, cfg, torch.Generator().manual_seed(1))
+    cfg, net, stamp, episode = setup(**overrides)
+    out = episode_loss(net, stamp, episode, cfg, torch.Generator().manual_seed(1))
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert 0 < float(out.expected_ratio) <= 1
     for part in (stamp.encoder, stamp.generator):
         grads = [p.grad for p in part.parameters() if p.grad is not None]
         assert grads and sum(float(g.abs().sum()) for g in grads) > 0
-    assert all(p.grad is None for p in backbone.parameters())  # frozen unless meta.learn_backbone
+    assert all(p.grad is None for p in net.backbone.parameters())  # frozen unless meta.learn_backbone
 
 
 def test_learn_backbone_sends_gradient_to_backbone():
-    cfg, backbone, groups, cost, stamp, episode = setup(learn_backbone=True, adapt_backbone=True)
-    backbone.requires_grad_(True)
-    episode_loss(backbone, stamp, groups, cost, episode, NORM, cfg).loss.backward()
-    assert backbone.features[0].weight.grad is not None and backbone.features[0].weight.grad.abs().sum() > 0
+    cfg, net, stamp, episode = setup(learn_backbone=True, adapt_backbone=True)
+    net.backbone.requires_grad_(True)
+    episode_loss(net, stamp, episode, cfg).loss.backward()
+    assert net.backbone.features[0].weight.grad is not None and net.backbone.features[0].weight.grad.abs().sum() > 0
 
 
 def test_same_seed_same_loss():
-    cfg, backbone, groups, cost, stamp, episode = setup()
-    a = episode_loss(backbone, stamp, groups, cost, episode, NORM, cfg, torch.Generator().manual_seed(3))
-    b = episode_loss(backbone, stamp, groups, cost, episode, NORM, cfg, torch.Generator().manual_seed(3))
+    cfg, net, stamp, episode = setup()
+    a = episode_loss(net, stamp, episode, cfg, torch.Generator().manual_seed(3))
+    b = episode_loss(net, stamp, episode, cfg, torch.Generator().manual_seed(3))
     assert torch.equal(a.loss, b.loss)
 
 
 def test_validation_uses_hard_mask_at_budget():
-    cfg, backbone, groups, cost, stamp, episode = setup()
-    acc, ratio = validate_episode(backbone, stamp.eval(), groups, cost, episode, NORM, cfg)
+    cfg, net, stamp, episode = setup()
+    acc, ratio = validate_episode(net, stamp.eval(), episode, cfg)
     assert 0 <= acc <= 1
     assert abs(ratio - episode.budget) <= 0.02
 
@@ -73,12 +70,12 @@ def test_validation_uses_hard_mask_at_budget():
 @pytest.mark.parametrize("overrides", [{"allocation": "uniform"},
                                        {"task_transforms": ["gray"], "stats": ["taylor", "redundancy"]}])
 def test_objective_variants_train(overrides):
-    cfg, backbone, groups, cost, stamp, episode = setup(**overrides)
-    before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    out = episode_loss(backbone, stamp, groups, cost, episode, NORM, cfg, torch.Generator().manual_seed(1))
+    cfg, net, stamp, episode = setup(**overrides)
+    before = {k: v.clone() for k, v in net.backbone.state_dict().items()}
+    out = episode_loss(net, stamp, episode, cfg, torch.Generator().manual_seed(1))
     out.loss.backward()
     assert torch.isfinite(out.loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in stamp.parameters())
-    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())  # BN statistics untouched
+    assert all(torch.equal(v, before[k]) for k, v in net.backbone.state_dict().items())  # BN statistics untouched
 
 
 def test_uniform_generator_keeps_the_same_expected_fraction_in_every_group():

@@ -27,5 +27,5 @@ class Aggregator:
         """Write generator version ``step`` (``weights`` from ``Learner.weights``, scored by ``val_acc``)."""
         self.model.stamp.load_state_dict(weights["stamp"])
         if "backbone" in weights:
-            self.model.backbone.load_state_dict(weights["backbone"])
+            self.model.net.backbone.load_state_dict(weights["backbone"])
         return str(self.model.publish(self.store, step, self.cfg.meta, metrics))

@@ -72,7 +72,7 @@ class Learner:
         m = cfg.meta
         self.cfg, self.device = cfg, device
         self.model = MetaModel.build(cfg, device)
-        modules = {"stamp": self.model.stamp} | ({"backbone": self.model.backbone} if m.learn_backbone else {})
+        modules = {"stamp": self.model.stamp} | ({"backbone": self.model.net.backbone} if m.learn_backbone else {})
         optimizer = torch.optim.AdamW(self.model.trainable(m.learn_backbone), lr=m.lr, weight_decay=m.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=nn.ModuleDict(modules), optimizer=optimizer,
                                                config=deepspeed_config(cfg, dist.get_world_size()))
@@ -96,7 +96,7 @@ class Learner:
         for j, ep in enumerate(episodes):
             rng = episode_rng(m.seed, self.step, first_index + j, self.device)
             with self.autocast():
-                out = episode_loss(mm.backbone, mm.stamp, mm.groups, mm.cost, ep, mm.norm, m, rng)
+                out = episode_loss(mm.net, mm.stamp, ep, m, rng)
             check_finite(out, self.step)
             self.engine.backward(out.loss)
             if j == len(episodes) - 1:  # the boundary: gradients are averaged over ranks, not yet clipped
@@ -126,8 +126,8 @@ class Learner:
         per_task = []
         with self.autocast():
             for ep in episodes:
-                inputs = mm.stamp.read(mm.backbone, mm.groups, mm.norm(ep.support_x.to(self.device)), ep.n_way)
-                per_task.append([float(k.float().mean()) for k in hard_masks(mm.stamp, mm.cost, inputs, ep.budget)])
+                inputs = mm.stamp.read(mm.net, mm.net.norm(ep.support_x.to(self.device)), ep.n_way)
+                per_task.append([float(k.float().mean()) for k in hard_masks(mm.stamp, mm.net.cost, inputs, ep.budget)])
         return np.mean(per_task, axis=0).tolist()
 
     # --- collectives ------------------------------------------------------------------------

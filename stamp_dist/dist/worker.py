@@ -60,7 +60,7 @@ class Chief:
     def after_step(self, step: int, metrics: dict, validate: bool, checkpoint: bool) -> None:
         if validate:
             metrics = metrics | self.learner.validate(self.val_episodes)
-            self.tracker.keep_ratio_plot([g.name for g in self.learner.model.groups],
+            self.tracker.keep_ratio_plot([g.name for g in self.learner.model.net.groups],
                                          self.learner.keep_ratios(self.val_episodes),
                                          sum(ep.budget for ep in self.val_episodes) / len(self.val_episodes), step)
             self._collect()

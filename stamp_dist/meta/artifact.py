@@ -14,7 +14,6 @@ directory or a run directory (then it picks ``best``).
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 from dataclasses import dataclass
@@ -31,10 +30,9 @@ from ..errors import StampError
 from ..integrity import HASH_KEY, load_tensors, save_tensors
 from ..ranges import check_numbers
 from ..records import check_record
-from ..models.backbones import Backbone
-from ..models.saved import load_backbone, save_backbone
-from ..pruning.groups import ChannelGroups, discover_groups
-from ..pruning.macs import CostModel
+from ..models.saved import save_backbone
+from ..pruning.groups import ChannelGroups
+from ..pruning.prunable import PrunableBackbone
 from .objective import Stamp
 from .set_inputs import LEGACY_STATS
 
@@ -43,33 +41,24 @@ WEIGHTS = "generator.safetensors"
 VERSION = re.compile(r"v\d{6}")  # a version directory's name (GeneratorStore.publish)
 
 
-def backbone_fingerprint(backbone: Backbone) -> str:
-    """A hash of the backbone's weights: a generator is only valid for the exact backbone it was trained on."""
-    h = hashlib.sha256()
-    for name, t in sorted(backbone.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def group_layout(groups: ChannelGroups) -> list[dict]:
     return [{"name": g.name, "channels": g.channels} for g in groups]
 
 
-def save_generator(directory: str | Path, stamp: Stamp, backbone: Backbone, backbone_meta: dict,
-                   groups: ChannelGroups, meta_cfg: dict, step: int, metrics: dict) -> None:
+def save_generator(directory: str | Path, stamp: Stamp, net: PrunableBackbone, meta_cfg: dict, step: int,
+                   metrics: dict) -> None:
     info = {
         "format": FORMAT,
-        "backbone": {**{k: backbone_meta[k] for k in ("backbone", "width", "image_size", "mean", "std")},
-                     "fingerprint": backbone_fingerprint(backbone)},
-        "groups": group_layout(groups),
+        "backbone": {**{k: net.record[k] for k in ("backbone", "width", "image_size", "mean", "std")},
+                     "fingerprint": net.fingerprint()},
+        "groups": group_layout(net.groups),
         "meta": meta_cfg,
         "step": step,
         "metrics": metrics,
     }
     with atomic_dir(directory, overwrite=True) as tmp:
         info[HASH_KEY] = save_tensors(stamp.state_dict(), tmp / WEIGHTS, f"the generator of step {step}")
-        save_backbone(tmp, backbone, backbone_meta)
+        save_backbone(tmp, net.backbone, net.record)
         write_json(tmp / "generator.json", info)
 
 
@@ -78,10 +67,7 @@ class Generator:
     """A loaded artifact: everything needed to prune for a new target."""
 
     stamp: Stamp
-    backbone: Backbone
-    backbone_meta: dict
-    groups: ChannelGroups
-    cost: CostModel
+    net: PrunableBackbone  # the backbone it was trained on (its copy in the artifact)
     info: dict
     path: Path
     meta: MetaConfig  # the meta config it was trained with (validated)
@@ -144,23 +130,19 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
         raise StampError(f"{record} has format {found!r}, expected {FORMAT!r}")
     check_record(info, {"backbone": dict, "groups": list, "meta": dict, "step": int}, record, fix)
     check_record(info["backbone"], {"fingerprint": str, "image_size": int}, record, fix)
-    backbone, backbone_meta = load_backbone(path, fix)
-    if backbone_fingerprint(backbone) != info["backbone"]["fingerprint"]:
+    net = PrunableBackbone.load(path, device, fix)
+    if net.fingerprint() != info["backbone"]["fingerprint"]:
         raise StampError(f"{path}: backbone weights do not match the generator's fingerprint; {fix}")
-    backbone = backbone.to(device).eval().requires_grad_(False)
-    size = info["backbone"]["image_size"]
-    groups = discover_groups(backbone, torch.zeros(1, 3, size, size, device=device))
-    if group_layout(groups) != info["groups"]:
+    if group_layout(net.groups) != info["groups"]:
         raise StampError(f"{path}: the backbone's channel groups differ from the generator's group layout; {fix}")
     meta = _meta_config(info["meta"], record, fix)
-    stamp = Stamp(backbone.feature_dim, groups.sizes, meta)
+    stamp = Stamp(net.backbone.feature_dim, net.groups.sizes, meta)
     weights = load_tensors(path / WEIGHTS, "generator weights", info.get(HASH_KEY), fix, device)
     try:
         stamp.load_state_dict(weights)
     except RuntimeError as e:
         raise StampError(f"{path / WEIGHTS} does not match {record} ({str(e).splitlines()[0]}); {fix}") from None
-    cost = CostModel(backbone, groups, (3, size, size))
-    return Generator(stamp.to(device).eval(), backbone, backbone_meta, groups, cost, info, path, meta)
+    return Generator(stamp.to(device).eval(), net, info, path, meta)
 
 
 class GeneratorStore:

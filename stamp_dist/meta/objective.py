@@ -17,17 +17,15 @@ from torch.func import functional_call
 
 from ..config import MetaConfig
 from ..data.episodes import Episode
-from ..data.readers import Normalization
 from ..errors import StampError
-from ..models.backbones import Backbone
 from ..models.heads import prototype_head
 from ..models.generator import (MaskGenerator, budget_penalty, hard_concrete_sample, keep_probability, prior_keep_rate,
                                 prior_kl)
 from ..models.set_encoder import SetEncoder
-from ..pruning.groups import ChannelGroups
 from ..pruning.hardmask import hard_mask
 from ..pruning.macs import CostModel
 from ..pruning.masking import masked
+from ..pruning.prunable import PrunableBackbone
 from .set_inputs import SetInputs, read_set
 
 
@@ -52,9 +50,9 @@ class Stamp(nn.Module):
         """``prune.allocation`` when set, else the allocation this generator was trained with."""
         return configured or self.allocation
 
-    def read(self, backbone: Backbone, groups: ChannelGroups, x: torch.Tensor, n_way: int) -> SetInputs:
+    def read(self, net: PrunableBackbone, x: torch.Tensor, n_way: int) -> SetInputs:
         """What this module reads from a set of normalised, class-grouped images (:func:`read_set`)."""
-        return read_set(backbone, groups, x, n_way, self.stats or ("activity",))
+        return read_set(net.backbone, net.groups, x, n_way, self.stats or ("activity",))
 
 
 @dataclass
@@ -84,13 +82,14 @@ def inner_loop(params: dict[str, torch.Tensor], loss_fn, steps: int, lr: float, 
     return params
 
 
-def adapted_logits(backbone: Backbone, groups: ChannelGroups, masks: list[torch.Tensor], sx: torch.Tensor,
-                   sy: torch.Tensor, qx: torch.Tensor, n_way: int, cfg: MetaConfig) -> torch.Tensor:
+def adapted_logits(net: PrunableBackbone, masks: list[torch.Tensor], sx: torch.Tensor, sy: torch.Tensor,
+                   qx: torch.Tensor, n_way: int, cfg: MetaConfig) -> torch.Tensor:
     """Masked backbone → prototype-initialised head → ``inner_steps`` on the support set → query logits."""
     def head_loss(p):
         return F.cross_entropy(F.linear(fs, p["fc.weight"], p["fc.bias"]), sy)
 
-    with masked(backbone, groups, masks):
+    backbone = net.backbone
+    with masked(backbone, net.groups, masks):
         fs = backbone.forward_features(sx)
         # Unscaled prototype logits are in the hundreds: fine for steps on the head alone, but their
         # gradients through the whole backbone diverged to NaN within 3 meta-steps (demo, inner_lr 0.1).
@@ -106,7 +105,8 @@ def adapted_logits(backbone: Backbone, groups: ChannelGroups, masks: list[torch.
         return functional_call(backbone, params, (qx,))
 
 
-def _episode_tensors(episode: Episode, norm: Normalization, device: torch.device):
+def _episode_tensors(episode: Episode, net: PrunableBackbone, device: torch.device):
+    norm = net.norm
     return (norm(episode.support_x.to(device)), episode.support_y.to(device),
             norm(episode.query_x.to(device)), episode.query_y.to(device))
 
@@ -117,14 +117,14 @@ def episode_rng(seed: int, step: int, index: int, device: torch.device | str = "
     return torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0]))
 
 
-def episode_loss(backbone: Backbone, stamp: Stamp, groups: ChannelGroups, cost: CostModel, episode: Episode,
-                 norm: Normalization, cfg: MetaConfig, generator: torch.Generator | None = None) -> EpisodeOutput:
+def episode_loss(net: PrunableBackbone, stamp: Stamp, episode: Episode, cfg: MetaConfig,
+                 generator: torch.Generator | None = None) -> EpisodeOutput:
     """The outer (meta) loss of one episode, with relaxed masks sampled from the generator."""
-    sx, sy, qx, qy = _episode_tensors(episode, norm, next(stamp.parameters()).device)
-    logits = stamp(stamp.read(backbone, groups, sx, episode.n_way), episode.budget)
+    sx, sy, qx, qy = _episode_tensors(episode, net, next(stamp.parameters()).device)
+    logits = stamp(stamp.read(net, sx, episode.n_way), episode.budget)
     z = [hard_concrete_sample(a, cfg.tau, generator=generator, straight_through=cfg.straight_through) for a in logits]
-    ratio = cost.macs([keep_probability(a) for a in logits]) / cost.dense_macs
-    out = adapted_logits(backbone, groups, z, sx, sy, qx, episode.n_way, cfg)
+    ratio = net.cost.macs([keep_probability(a) for a in logits]) / net.cost.dense_macs
+    out = adapted_logits(net, z, sx, sy, qx, episode.n_way, cfg)
     ce = F.cross_entropy(out, qy)
     prior = prior_kl(logits, cfg.prior, prior_keep_rate(cfg.prior_keep, episode.budget))
     budget_term = budget_penalty(ratio, episode.budget)
@@ -171,14 +171,12 @@ def gumbel_noise(shape, generator: torch.Generator) -> torch.Tensor:
     return -(-u.log()).log()
 
 
-def validate_episode(backbone: Backbone, stamp: Stamp, groups: ChannelGroups, cost: CostModel, episode: Episode,
-                     norm: Normalization, cfg: MetaConfig) -> tuple[float, float]:
+def validate_episode(net: PrunableBackbone, stamp: Stamp, episode: Episode, cfg: MetaConfig) -> tuple[float, float]:
     """Meta-validation score: query accuracy with the HARD mask at the task's budget after the
     inner steps; returns ``(accuracy, achieved MACs ratio)``."""
-    sx, sy, qx, qy = _episode_tensors(episode, norm, next(stamp.parameters()).device)
+    sx, sy, qx, qy = _episode_tensors(episode, net, next(stamp.parameters()).device)
     with torch.no_grad():
-        masks = [m.float() for m in hard_masks(stamp, cost, stamp.read(backbone, groups, sx, episode.n_way),
-                                               episode.budget)]
-    out = adapted_logits(backbone, groups, masks, sx, sy, qx, episode.n_way, cfg).detach()
-    ratio = float(cost.macs(masks) / cost.dense_macs)
+        masks = [m.float() for m in hard_masks(stamp, net.cost, stamp.read(net, sx, episode.n_way), episode.budget)]
+    out = adapted_logits(net, masks, sx, sy, qx, episode.n_way, cfg).detach()
+    ratio = float(net.cost.macs(masks) / net.cost.dense_macs)
     return float((out.argmax(1) == qy).float().mean()), ratio

@@ -18,14 +18,10 @@ from ..checkpoint import load_state, save_state
 from ..config import MetaConfig, StampConfig, to_dict
 from ..data.episodes import ClassPool, Episode, EpisodeSampler, split_classes, task_families
 from ..data.manifest import Manifest
-from ..data.readers import Normalization
 from ..devices import pick_device
 from ..errors import StampError, Stopped
-from ..models.backbones import Backbone
-from ..models.saved import load_backbone
 from ..progress import progress
-from ..pruning.groups import ChannelGroups, discover_groups
-from ..pruning.macs import CostModel
+from ..pruning.prunable import PrunableBackbone
 from ..runlog import MetricsLog
 from ..signals import StopRequest, stop_requests
 from .artifact import GeneratorStore, save_generator
@@ -35,38 +31,28 @@ from .objective import EpisodeOutput, Stamp, check_finite, episode_loss, episode
 @dataclass
 class MetaModel:
     """What every meta-training process builds from the config (the single-process trainer, and each
-    distributed worker): the pretrained backbone, its channel groups and MACs model, the STAMP module
-    (seeded from ``meta.seed``, so every process starts from the same weights) and the input statistics."""
+    distributed worker): the pretrained backbone with its channel groups and MACs model, and the STAMP
+    module (seeded from ``meta.seed``, so every process starts from the same weights)."""
 
-    backbone: Backbone
-    backbone_meta: dict
-    groups: ChannelGroups
-    cost: CostModel
+    net: PrunableBackbone
     stamp: Stamp
-    norm: Normalization
 
     @classmethod
     def build(cls, cfg: StampConfig, device: torch.device) -> "MetaModel":
         m = cfg.meta
-        torch.manual_seed(m.seed)
-        backbone, backbone_meta = load_backbone(cfg.pretrain.out)
-        backbone = backbone.to(device).eval().requires_grad_(m.learn_backbone)
-        size = backbone_meta["image_size"]
-        groups = discover_groups(backbone, torch.zeros(1, 3, size, size, device=device))
-        cost = CostModel(backbone, groups, (3, size, size))
-        stamp = Stamp(backbone.feature_dim, groups.sizes, m).to(device)
-        return cls(backbone, backbone_meta, groups, cost, stamp, Normalization.of(backbone_meta))
+        torch.manual_seed(m.seed)  # before the backbone is built: its initialisation draws from the same RNG
+        net = PrunableBackbone.load(cfg.pretrain.out, device, trainable=m.learn_backbone)
+        return cls(net, Stamp(net.backbone.feature_dim, net.groups.sizes, m).to(device))
 
     def trainable(self, learn_backbone: bool) -> list[torch.nn.Parameter]:
         """The meta-learned parameters, in optimizer order: φ, ψ (and θ with ``meta.learn_backbone``)."""
-        params = list(self.stamp.parameters()) + (list(self.backbone.parameters()) if learn_backbone else [])
+        params = list(self.stamp.parameters()) + (list(self.net.backbone.parameters()) if learn_backbone else [])
         return [p for p in params if p.requires_grad]
 
     def validate(self, episodes: list[Episode], cfg: MetaConfig) -> dict[str, float]:
         """Hard-mask meta-validation: query accuracy and achieved MACs ratio at each task's budget."""
         self.stamp.eval()
-        scores = [validate_episode(self.backbone, self.stamp, self.groups, self.cost, ep, self.norm, cfg)
-                  for ep in episodes]
+        scores = [validate_episode(self.net, self.stamp, ep, cfg) for ep in episodes]
         acc, ratio = np.array(scores).T
         budgets = np.array([ep.budget for ep in episodes])
         return {"val_acc": float(acc.mean()), "val_ratio_error": float(np.abs(ratio - budgets).max()),
@@ -75,7 +61,7 @@ class MetaModel:
     def publish(self, store: GeneratorStore, step: int, meta_cfg: MetaConfig, metrics: dict) -> Path:
         """Write the current generator as a new version of ``store`` (scored by ``val_acc``)."""
         return store.publish(step, metrics["val_acc"], lambda d: save_generator(
-            d, self.stamp, self.backbone, self.backbone_meta, self.groups, to_dict(meta_cfg), step, metrics))
+            d, self.stamp, self.net, to_dict(meta_cfg), step, metrics))
 
 
 def validation_episodes(cfg: StampConfig, val_classes: list[int]) -> list[Episode]:
@@ -100,9 +86,7 @@ class MetaTrainer:
         self.out = Path(m.out)
         self.device = pick_device(cfg.runtime.device)
         self.model = MetaModel.build(cfg, self.device)
-        self.backbone, self.backbone_meta = self.model.backbone, self.model.backbone_meta
-        self.groups, self.cost, self.stamp, self.norm = (self.model.groups, self.model.cost, self.model.stamp,
-                                                         self.model.norm)
+        self.net, self.stamp = self.model.net, self.model.stamp
         self.optimizer = torch.optim.AdamW(self.model.trainable(m.learn_backbone), lr=m.lr,
                                            weight_decay=m.weight_decay)
 
@@ -125,7 +109,7 @@ class MetaTrainer:
         outs = []
         for i, ep in enumerate(episodes):
             rng = episode_rng(self.cfg.meta.seed, self.step, i, self.device)
-            out = episode_loss(self.backbone, self.stamp, self.groups, self.cost, ep, self.norm, self.cfg.meta, rng)
+            out = episode_loss(self.net, self.stamp, ep, self.cfg.meta, rng)
             check_finite(out, self.step)
             (out.loss / len(episodes)).backward()
             outs.append(out)
@@ -150,7 +134,7 @@ class MetaTrainer:
 
     def state(self) -> dict:
         return {"step": self.step, "stamp": self.stamp.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "backbone": self.backbone.state_dict() if self.cfg.meta.learn_backbone else {},
+                "backbone": self.net.backbone.state_dict() if self.cfg.meta.learn_backbone else {},
                 "torch_rng": torch.get_rng_state(),
                 "sampler_rng": self.sampler.rng.bit_generator.state, "pool": self.sampler.pool.state()}
 
@@ -164,7 +148,7 @@ class MetaTrainer:
                              "started with, or choose a new meta.out") from None
         self.optimizer.load_state_dict(state["optimizer"])
         if state["backbone"]:
-            self.backbone.load_state_dict(state["backbone"])
+            self.net.backbone.load_state_dict(state["backbone"])
         torch.set_rng_state(state["torch_rng"])
         self.sampler.rng.bit_generator.state = state["sampler_rng"]
         # Checkpoints written before the pool state existed hold its draw RNG only (buffers start afresh).

@@ -29,14 +29,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..models.backbones import Backbone
 from ..models.heads import prototype_head
 from ..models.generator import (budget_offset, budget_penalty, hard_concrete_sample, keep_probability, prior_keep_rate,
                                 prior_kl)
-from .groups import ChannelGroups
 from .hardmask import budget_mask, check_budget
-from .macs import CostModel
 from .masking import masked
+from .prunable import PrunableBackbone
 
 
 @dataclass(frozen=True)
@@ -55,13 +53,12 @@ class GateSettings:
     batch_size: int
 
 
-def learn_gate_logits(backbone: Backbone, groups: ChannelGroups, cost: CostModel, images: torch.Tensor,
-                      labels: torch.Tensor, num_classes: int, budget: float, gates: GateSettings,
-                      seed: int) -> list[torch.Tensor]:
+def learn_gate_logits(net: PrunableBackbone, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                      budget: float, gates: GateSettings, seed: int) -> list[torch.Tensor]:
     """Train per-channel gate logits (and a head) on ``images`` (normalised, on the backbone's device)
     and ``labels`` (``0..num_classes-1``); returns the final logits, one ``[C_g]`` tensor per group."""
     check_budget(budget)
-    device = images.device
+    backbone, groups, cost, device = net.backbone, net.groups, net.cost, images.device
     was_training = backbone.training
     backbone.eval()
     init = float(budget_offset(torch.tensor(budget, dtype=torch.float64)))
@@ -91,9 +88,8 @@ def learn_gate_logits(backbone: Backbone, groups: ChannelGroups, cost: CostModel
     return [a.detach() for a in logits]
 
 
-def gate_masks(backbone: Backbone, groups: ChannelGroups, cost: CostModel, images: torch.Tensor,
-               labels: torch.Tensor, num_classes: int, budget: float, gates: GateSettings,
-               seed: int) -> list[torch.Tensor]:
+def gate_masks(net: PrunableBackbone, images: torch.Tensor, labels: torch.Tensor, num_classes: int, budget: float,
+               gates: GateSettings, seed: int) -> list[torch.Tensor]:
     """Hard keep masks at ``budget`` from gates learned on the target (STAMP's hard-mask rule)."""
-    logits = learn_gate_logits(backbone, groups, cost, images, labels, num_classes, budget, gates, seed)
-    return budget_mask([keep_probability(a) for a in logits], cost, budget)
+    logits = learn_gate_logits(net, images, labels, num_classes, budget, gates, seed)
+    return budget_mask([keep_probability(a) for a in logits], net.cost, budget)
