@@ -27,7 +27,7 @@ import stamp_dist
 from stamp_dist.config import MetaConfig
 from stamp_dist.data.shards import PerClassShardWriter
 from stamp_dist.meta.artifact import save_generator
-from stamp_dist.meta.objective import Stamp
+from stamp_dist.meta.objective import Stamp, StampSettings
 from stamp_dist.models.backbones import build_backbone
 from stamp_dist.pruning.prunable import PrunableBackbone
 
@@ -37,7 +37,7 @@ def make_artifact(directory: Path, backbone_name: str, size: int) -> None:
               "mean": [0.5] * 3, "std": [0.25] * 3}
     net = PrunableBackbone.build(build_backbone(backbone_name, 100).eval(), record)
     meta = MetaConfig()
-    stamp = Stamp(net.backbone.feature_dim, net.groups.sizes, meta)
+    stamp = Stamp(net.backbone.feature_dim, net.groups.sizes, StampSettings.of(meta))
     save_generator(directory, stamp, net, dataclasses.asdict(meta), 0, {})
 
 

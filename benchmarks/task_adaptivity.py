@@ -37,7 +37,7 @@ from stamp_dist.config import MetaConfig, load_config
 from stamp_dist.data.episodes import ClassPool, EpisodeSampler, split_classes, task_families
 from stamp_dist.data.manifest import Manifest
 from stamp_dist.meta.artifact import load_generator
-from stamp_dist.meta.objective import adapted_logits, hard_masks
+from stamp_dist.meta.objective import StampSettings, adapted_logits, hard_masks
 from stamp_dist.meta.trainer import validation_episodes
 from stamp_dist.meta.set_inputs import SetInputs
 
@@ -102,7 +102,7 @@ def paired_on_tasks(cfg, gen, norm, episodes, constant_stamp, constant_inputs) -
     def accuracy(ep, stamp, inp) -> float:
         masks = [k.float() for k in hard_masks(stamp, gen.net.cost, inp, ep.budget, allocation=cfg.prune.allocation)]  # top
         out = adapted_logits(gen.net, masks, norm(ep.support_x), ep.support_y, norm(ep.query_x),
-                             ep.n_way, cfg.meta).detach()
+                             ep.n_way, StampSettings.of(cfg.meta)).detach()
         return float((out.argmax(1) == ep.query_y).float().mean())
 
     own = np.array([accuracy(ep, gen.stamp, inputs[i]) for i, ep in enumerate(episodes)])

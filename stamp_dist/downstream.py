@@ -71,7 +71,7 @@ def adapt_generator(gen: Generator, target: Target, budget: float, steps: int, l
     for _ in range(steps):
         images = [c[torch.randperm(len(c), generator=rng)] for c in per_class]
         episode = build_episode(images, Task(list(range(target.num_classes)), budget), k)
-        out = episode_loss(gen.net, stamp, episode, gen.meta, rng)
+        out = episode_loss(gen.net, stamp, episode, rng)
         opt.zero_grad()
         out.loss.backward()
         opt.step()

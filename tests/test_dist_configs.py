@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_imagenet_resnet50_config_builds_the_meta_model():
     from stamp_dist.dist.learner import deepspeed_config
-    from stamp_dist.meta.objective import Stamp
+    from stamp_dist.meta.objective import Stamp, StampSettings
     from stamp_dist.models.backbones import build_backbone
     from stamp_dist.pruning.prunable import PrunableBackbone
 
@@ -25,7 +25,7 @@ def test_imagenet_resnet50_config_builds_the_meta_model():
     assert sum(p.numel() for p in backbone.parameters()) == 25_557_032  # torchvision's ResNet-50
     net = PrunableBackbone.build(backbone, {"image_size": 224})
     assert 4.0e9 < float(net.cost.dense_macs) < 4.2e9  # ResNet-50: 4.1 GMACs at 224x224
-    stamp = Stamp(backbone.feature_dim, net.groups.sizes, cfg.meta)
+    stamp = Stamp(backbone.feature_dim, net.groups.sizes, StampSettings.of(cfg.meta))
     inputs = stamp.read(net, torch.randn(10, 3, 64, 64), 5)  # any image size: global pooling
     logits = stamp(inputs, 0.3)
     assert [a.shape[-1] for a in logits] == net.groups.sizes

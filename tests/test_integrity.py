@@ -58,6 +58,20 @@ def test_non_finite_weights_are_never_saved(tmp_path, bad):
     assert not (tmp_path / "w.safetensors").exists()
 
 
+def test_a_v1_generator_artifact_still_loads(tiny_generator, tmp_path):
+    """Artifacts written before generator.json held the module's own settings (format v1: only the run's meta
+    config) load with the settings taken from that config."""
+    import shutil
+    from dataclasses import asdict
+
+    v1 = tmp_path / "v1"
+    shutil.copytree(resolve(tiny_generator), v1)
+    record = json.loads((v1 / "generator.json").read_text())
+    settings = record.pop("stamp")
+    (v1 / "generator.json").write_text(json.dumps({**record, "format": "stamp_dist/generator/v1"}))
+    assert asdict(load_generator(v1).stamp.settings) == settings
+
+
 def test_a_generator_with_nan_weights_is_not_published(tiny_run, tiny_generator, tmp_path):
     """Defect 7 of issue 15: an untrained or diverged generator must not become a published version."""
     gen = load_generator(tiny_generator)

@@ -3,7 +3,7 @@ import torch
 
 from stamp_dist.config import MetaConfig
 from stamp_dist.data.episodes import Task, build_episode
-from stamp_dist.meta.objective import Stamp, episode_loss, validate_episode
+from stamp_dist.meta.objective import Stamp, StampSettings, episode_loss, validate_episode
 from stamp_dist.models.heads import prototype_head
 from stamp_dist.models.backbones import build_backbone
 from stamp_dist.pruning.prunable import PrunableBackbone
@@ -16,11 +16,11 @@ def setup(**overrides):
                      **overrides)
     backbone = build_backbone("convnet", 5, width=8).eval().requires_grad_(False)
     net = PrunableBackbone.build(backbone, RECORD)  # the groups trace a frozen backbone too
-    stamp = Stamp(backbone.feature_dim, net.groups.sizes, cfg)
+    stamp = Stamp(backbone.feature_dim, net.groups.sizes, StampSettings.of(cfg))
     gen = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 255, (5, 3, 16, 16), dtype=torch.uint8, generator=gen) for _ in range(3)]
     episode = build_episode(images, Task([4, 7, 9], 0.4), k_shot=2)
-    return cfg, net, stamp, episode
+    return net, stamp, episode
 
 
 def test_prototype_head_is_nearest_prototype():
@@ -35,8 +35,8 @@ def test_prototype_head_is_nearest_prototype():
 @pytest.mark.parametrize("overrides", [{}, {"first_order": False}, {"adapt_backbone": True},
                                        {"straight_through": True, "prior": "beta_bernoulli"}])
 def test_meta_gradient_reaches_encoder_and_generator(overrides):
-    cfg, net, stamp, episode = setup(**overrides)
-    out = episode_loss(net, stamp, episode, cfg, torch.Generator().manual_seed(1))
+    net, stamp, episode = setup(**overrides)
+    out = episode_loss(net, stamp, episode, torch.Generator().manual_seed(1))
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert 0 < float(out.expected_ratio) <= 1
@@ -47,22 +47,22 @@ def test_meta_gradient_reaches_encoder_and_generator(overrides):
 
 
 def test_learn_backbone_sends_gradient_to_backbone():
-    cfg, net, stamp, episode = setup(learn_backbone=True, adapt_backbone=True)
+    net, stamp, episode = setup(learn_backbone=True, adapt_backbone=True)
     net.backbone.requires_grad_(True)
-    episode_loss(net, stamp, episode, cfg).loss.backward()
+    episode_loss(net, stamp, episode).loss.backward()
     assert net.backbone.features[0].weight.grad is not None and net.backbone.features[0].weight.grad.abs().sum() > 0
 
 
 def test_same_seed_same_loss():
-    cfg, net, stamp, episode = setup()
-    a = episode_loss(net, stamp, episode, cfg, torch.Generator().manual_seed(3))
-    b = episode_loss(net, stamp, episode, cfg, torch.Generator().manual_seed(3))
+    net, stamp, episode = setup()
+    a = episode_loss(net, stamp, episode, torch.Generator().manual_seed(3))
+    b = episode_loss(net, stamp, episode, torch.Generator().manual_seed(3))
     assert torch.equal(a.loss, b.loss)
 
 
 def test_validation_uses_hard_mask_at_budget():
-    cfg, net, stamp, episode = setup()
-    acc, ratio = validate_episode(net, stamp.eval(), episode, cfg)
+    net, stamp, episode = setup()
+    acc, ratio = validate_episode(net, stamp.eval(), episode)
     assert 0 <= acc <= 1
     assert abs(ratio - episode.budget) <= 0.02
 
@@ -70,9 +70,9 @@ def test_validation_uses_hard_mask_at_budget():
 @pytest.mark.parametrize("overrides", [{"allocation": "uniform"},
                                        {"task_transforms": ["gray"], "stats": ["taylor", "redundancy"]}])
 def test_objective_variants_train(overrides):
-    cfg, net, stamp, episode = setup(**overrides)
+    net, stamp, episode = setup(**overrides)
     before = {k: v.clone() for k, v in net.backbone.state_dict().items()}
-    out = episode_loss(net, stamp, episode, cfg, torch.Generator().manual_seed(1))
+    out = episode_loss(net, stamp, episode, torch.Generator().manual_seed(1))
     out.loss.backward()
     assert torch.isfinite(out.loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in stamp.parameters())
     assert all(torch.equal(v, before[k]) for k, v in net.backbone.state_dict().items())  # BN statistics untouched

@@ -96,7 +96,7 @@ class Learner:
         for j, ep in enumerate(episodes):
             rng = episode_rng(m.seed, self.step, first_index + j, self.device)
             with self.autocast():
-                out = episode_loss(mm.net, mm.stamp, ep, m, rng)
+                out = episode_loss(mm.net, mm.stamp, ep, rng)
             check_finite(out, self.step)
             self.engine.backward(out.loss)
             if j == len(episodes) - 1:  # the boundary: gradients are averaged over ranks, not yet clipped
@@ -117,7 +117,7 @@ class Learner:
 
     def validate(self, episodes: list[Episode]) -> dict[str, float]:
         with self.autocast():
-            return self.model.validate(episodes, self.cfg.meta)
+            return self.model.validate(episodes)
 
     @torch.no_grad()
     def keep_ratios(self, episodes: list[Episode]) -> list[float]:

@@ -3,7 +3,8 @@
 An artifact directory is self-contained (what `stamp prune` needs, nothing pickled)::
 
     generator.safetensors   set encoder + mask generator weights
-    generator.json          format, backbone identity, group layout, meta config, step, metrics
+    generator.json          format, backbone identity, group layout, the module's settings (``stamp``:
+                            ``StampSettings``), the run's meta config (for reports), step, metrics
     backbone.safetensors    the frozen reference backbone (same format as `stamp pretrain` writes)
     backbone.json
 
@@ -16,15 +17,16 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
 
 import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..atomic import atomic_dir, read_json, restore_interrupted, write_json
+from ..choices import ALLOCATIONS, CHANNEL_STATS, PRIORS
 from ..config import MetaConfig
 from ..errors import StampError
 from ..integrity import HASH_KEY, load_tensors, save_tensors
@@ -33,10 +35,11 @@ from ..records import check_record
 from ..models.saved import save_backbone
 from ..pruning.groups import ChannelGroups
 from ..pruning.prunable import PrunableBackbone
-from .objective import Stamp
+from .objective import Stamp, StampSettings
 from .set_inputs import LEGACY_STATS
 
-FORMAT = "stamp_dist/generator/v1"
+FORMAT = "stamp_dist/generator/v2"
+V1 = "stamp_dist/generator/v1"  # held no settings of its own, only the run's meta config: still read (_settings)
 WEIGHTS = "generator.safetensors"
 VERSION = re.compile(r"v\d{6}")  # a version directory's name (GeneratorStore.publish)
 
@@ -52,6 +55,7 @@ def save_generator(directory: str | Path, stamp: Stamp, net: PrunableBackbone, m
         "backbone": {**{k: net.record[k] for k in ("backbone", "width", "image_size", "mean", "std")},
                      "fingerprint": net.fingerprint()},
         "groups": group_layout(net.groups),
+        "stamp": asdict(stamp.settings),
         "meta": meta_cfg,
         "step": step,
         "metrics": metrics,
@@ -68,9 +72,8 @@ class Generator:
 
     stamp: Stamp
     net: PrunableBackbone  # the backbone it was trained on (its copy in the artifact)
-    info: dict
+    info: dict  # generator.json as read
     path: Path
-    meta: MetaConfig  # the meta config it was trained with (validated)
 
 
 def resolve(path: str | Path) -> Path:
@@ -101,22 +104,26 @@ def _version(pointer: Any, path: Path) -> str:
     return pointer["version"]
 
 
-def _meta_config(meta: Any, path: Path, fix: str) -> MetaConfig:
-    """The generator's meta config from its record (only the keys that shape the STAMP module matter here)."""
-    if not isinstance(meta, dict):
-        raise StampError(f"{path}: 'meta' is not a mapping; {fix}")
-    # Generators saved before ``meta.channel_stats`` / ``meta.stats`` / ``meta.allocation`` existed were built
-    # without statistics / with the first two / with the learned allocation.
+def _settings(info: dict, path: Path, fix: str) -> StampSettings:
+    """The module's settings, checked: its own record (``stamp``) from v2 on. A v1 artifact held only the
+    run's meta config, whose keys they are; generators saved before ``meta.channel_stats`` / ``meta.stats`` /
+    ``meta.allocation`` existed were built without statistics / with the first two / with the learned allocation."""
+    if info["format"] != V1:
+        check_record(info, {"stamp": dict}, path, fix)
     legacy = {"channel_stats": False, "stats": list(LEGACY_STATS), "allocation": "learned"}
-    meta = {**legacy, **{k: v for k, v in meta.items() if k in MetaConfig.__dataclass_fields__}}
     try:
-        cfg = OmegaConf.structured(MetaConfig(**meta))
-        check_numbers(OmegaConf.create({"meta": cfg}))
+        raw = info["stamp"] if info["format"] != V1 else \
+            asdict(StampSettings.of(SimpleNamespace(**{**asdict(MetaConfig()), **legacy, **info["meta"]})))
+        cfg = OmegaConf.merge(OmegaConf.structured(StampSettings), raw)
+        check_numbers(OmegaConf.create({"meta": cfg}))  # the ranges of the meta.* keys they come from
+        settings: StampSettings = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except (OmegaConfBaseException, TypeError, StampError) as e:
-        raise StampError(f"{path}: its meta config is invalid ({str(e).splitlines()[0]}); {fix}") from None
-    if cfg.encoder_dim % cfg.encoder_heads:
-        raise StampError(f"{path}: meta.encoder_dim is not a multiple of meta.encoder_heads; {fix}")
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+        raise StampError(f"{path}: its STAMP settings are invalid ({str(e).splitlines()[0]}); {fix}") from None
+    if (settings.encoder_dim % settings.encoder_heads or settings.allocation not in ALLOCATIONS
+            or settings.prior not in PRIORS or not set(settings.stats) <= set(CHANNEL_STATS)):
+        raise StampError(f"{path}: its STAMP settings are invalid (encoder_dim a multiple of encoder_heads, allocation, "
+                         f"prior and stats among the choices of meta.*); {fix}")
+    return settings
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
@@ -125,9 +132,9 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
     fix = (f"the generator artifact {path} is damaged: copy it again, or publish a new one with `stamp meta-train` "
            "(a run directory picks its best version)")
     info = read_json(record, "generator artifact")
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
+    if not isinstance(info, dict) or info.get("format") not in (FORMAT, V1):
         found = info.get("format") if isinstance(info, dict) else None
-        raise StampError(f"{record} has format {found!r}, expected {FORMAT!r}")
+        raise StampError(f"{record} has format {found!r}, expected {FORMAT!r} (or {V1!r})")
     check_record(info, {"backbone": dict, "groups": list, "meta": dict, "step": int}, record, fix)
     check_record(info["backbone"], {"fingerprint": str, "image_size": int}, record, fix)
     net = PrunableBackbone.load(path, device, fix)
@@ -135,14 +142,13 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
         raise StampError(f"{path}: backbone weights do not match the generator's fingerprint; {fix}")
     if group_layout(net.groups) != info["groups"]:
         raise StampError(f"{path}: the backbone's channel groups differ from the generator's group layout; {fix}")
-    meta = _meta_config(info["meta"], record, fix)
-    stamp = Stamp(net.backbone.feature_dim, net.groups.sizes, meta)
+    stamp = Stamp(net.backbone.feature_dim, net.groups.sizes, _settings(info, record, fix))
     weights = load_tensors(path / WEIGHTS, "generator weights", info.get(HASH_KEY), fix, device)
     try:
         stamp.load_state_dict(weights)
     except RuntimeError as e:
         raise StampError(f"{path / WEIGHTS} does not match {record} ({str(e).splitlines()[0]}); {fix}") from None
-    return Generator(stamp.to(device).eval(), net, info, path, meta)
+    return Generator(stamp.to(device).eval(), net, info, path)
 
 
 class GeneratorStore:

@@ -7,7 +7,8 @@ gate the backbone's channels) and through the expected MACs ratio (which depends
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Optional
 
 import numpy as np
 import torch
@@ -29,17 +30,48 @@ from ..pruning.prunable import PrunableBackbone
 from .set_inputs import SetInputs, read_set
 
 
+@dataclass
+class StampSettings:
+    """The part of ``meta.*`` a STAMP module is: what builds it (sizes, the statistics it reads, its
+    allocation rule) and the episode objective it is trained with (adaptation on a target reuses it).
+    A generator artifact stores it as its own typed record (``meta/artifact.py``)."""
+
+    encoder_dim: int
+    encoder_heads: int
+    encoder_inducing: int
+    generator_hidden: int
+    stats: list[str]  # the per-channel statistics the generator reads (meta.stats); empty = none
+    allocation: str
+    tau: float
+    straight_through: bool
+    prior: str
+    prior_keep: Optional[float]
+    prior_weight: float
+    budget_weight: float
+    inner_steps: int
+    inner_lr: float
+    first_order: bool
+    adapt_backbone: bool
+
+    @classmethod
+    def of(cls, meta: MetaConfig) -> "StampSettings":
+        """From a meta config (or anything with its keys as attributes)."""
+        same = {f.name: getattr(meta, f.name) for f in fields(cls) if f.name != "stats"}
+        return cls(**same, stats=list(meta.stats) if meta.channel_stats else [])
+
+
 class Stamp(nn.Module):
     """The meta-learned part: set encoder E_φ and mask generator G_ψ (the backbone stays outside).
-    With ``meta.channel_stats`` the generator also reads the set's per-channel statistics."""
+    With ``settings.stats`` the generator also reads the set's per-channel statistics."""
 
-    def __init__(self, feature_dim: int, group_sizes: list[int], cfg: MetaConfig):
+    def __init__(self, feature_dim: int, group_sizes: list[int], settings: StampSettings):
         super().__init__()
-        self.stats = tuple(cfg.stats) if cfg.channel_stats else ()  # what read_set must compute for it
-        self.encoder = SetEncoder(feature_dim, cfg.encoder_dim, cfg.encoder_heads, cfg.encoder_inducing)
-        self.allocation = cfg.allocation
-        self.generator = MaskGenerator(group_sizes, cfg.encoder_dim, cfg.generator_hidden,
-                                       channel_stats=len(self.stats), uniform=cfg.allocation == "uniform")
+        self.settings = settings
+        self.stats = tuple(settings.stats)  # what read_set must compute for it
+        self.encoder = SetEncoder(feature_dim, settings.encoder_dim, settings.encoder_heads, settings.encoder_inducing)
+        self.allocation = settings.allocation
+        self.generator = MaskGenerator(group_sizes, settings.encoder_dim, settings.generator_hidden,
+                                       channel_stats=len(self.stats), uniform=settings.allocation == "uniform")
 
     def forward(self, inputs: SetInputs, budget: float) -> list[torch.Tensor]:
         """What was read from a set (:func:`read_set`) and a MACs budget → per-group keep-logits."""
@@ -83,7 +115,7 @@ def inner_loop(params: dict[str, torch.Tensor], loss_fn, steps: int, lr: float, 
 
 
 def adapted_logits(net: PrunableBackbone, masks: list[torch.Tensor], sx: torch.Tensor, sy: torch.Tensor,
-                   qx: torch.Tensor, n_way: int, cfg: MetaConfig) -> torch.Tensor:
+                   qx: torch.Tensor, n_way: int, cfg: StampSettings) -> torch.Tensor:
     """Masked backbone → prototype-initialised head → ``inner_steps`` on the support set → query logits."""
     def head_loss(p):
         return F.cross_entropy(F.linear(fs, p["fc.weight"], p["fc.bias"]), sy)
@@ -117,9 +149,11 @@ def episode_rng(seed: int, step: int, index: int, device: torch.device | str = "
     return torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0]))
 
 
-def episode_loss(net: PrunableBackbone, stamp: Stamp, episode: Episode, cfg: MetaConfig,
+def episode_loss(net: PrunableBackbone, stamp: Stamp, episode: Episode,
                  generator: torch.Generator | None = None) -> EpisodeOutput:
-    """The outer (meta) loss of one episode, with relaxed masks sampled from the generator."""
+    """The outer (meta) loss of one episode (the objective of ``stamp.settings``), with relaxed masks
+    sampled from the generator."""
+    cfg = stamp.settings
     sx, sy, qx, qy = _episode_tensors(episode, net, next(stamp.parameters()).device)
     logits = stamp(stamp.read(net, sx, episode.n_way), episode.budget)
     z = [hard_concrete_sample(a, cfg.tau, generator=generator, straight_through=cfg.straight_through) for a in logits]
@@ -171,12 +205,12 @@ def gumbel_noise(shape, generator: torch.Generator) -> torch.Tensor:
     return -(-u.log()).log()
 
 
-def validate_episode(net: PrunableBackbone, stamp: Stamp, episode: Episode, cfg: MetaConfig) -> tuple[float, float]:
+def validate_episode(net: PrunableBackbone, stamp: Stamp, episode: Episode) -> tuple[float, float]:
     """Meta-validation score: query accuracy with the HARD mask at the task's budget after the
     inner steps; returns ``(accuracy, achieved MACs ratio)``."""
     sx, sy, qx, qy = _episode_tensors(episode, net, next(stamp.parameters()).device)
     with torch.no_grad():
         masks = [m.float() for m in hard_masks(stamp, net.cost, stamp.read(net, sx, episode.n_way), episode.budget)]
-    out = adapted_logits(net, masks, sx, sy, qx, episode.n_way, cfg).detach()
+    out = adapted_logits(net, masks, sx, sy, qx, episode.n_way, stamp.settings).detach()
     ratio = float(net.cost.macs(masks) / net.cost.dense_macs)
     return float((out.argmax(1) == qy).float().mean()), ratio

@@ -25,7 +25,7 @@ from ..pruning.prunable import PrunableBackbone
 from ..runlog import MetricsLog
 from ..signals import StopRequest, stop_requests
 from .artifact import GeneratorStore, save_generator
-from .objective import EpisodeOutput, Stamp, check_finite, episode_loss, episode_rng, validate_episode
+from .objective import EpisodeOutput, Stamp, StampSettings, check_finite, episode_loss, episode_rng, validate_episode
 
 
 @dataclass
@@ -42,17 +42,17 @@ class MetaModel:
         m = cfg.meta
         torch.manual_seed(m.seed)  # before the backbone is built: its initialisation draws from the same RNG
         net = PrunableBackbone.load(cfg.pretrain.out, device, trainable=m.learn_backbone)
-        return cls(net, Stamp(net.backbone.feature_dim, net.groups.sizes, m).to(device))
+        return cls(net, Stamp(net.backbone.feature_dim, net.groups.sizes, StampSettings.of(m)).to(device))
 
     def trainable(self, learn_backbone: bool) -> list[torch.nn.Parameter]:
         """The meta-learned parameters, in optimizer order: φ, ψ (and θ with ``meta.learn_backbone``)."""
         params = list(self.stamp.parameters()) + (list(self.net.backbone.parameters()) if learn_backbone else [])
         return [p for p in params if p.requires_grad]
 
-    def validate(self, episodes: list[Episode], cfg: MetaConfig) -> dict[str, float]:
+    def validate(self, episodes: list[Episode]) -> dict[str, float]:
         """Hard-mask meta-validation: query accuracy and achieved MACs ratio at each task's budget."""
         self.stamp.eval()
-        scores = [validate_episode(self.net, self.stamp, ep, cfg) for ep in episodes]
+        scores = [validate_episode(self.net, self.stamp, ep) for ep in episodes]
         acc, ratio = np.array(scores).T
         budgets = np.array([ep.budget for ep in episodes])
         return {"val_acc": float(acc.mean()), "val_ratio_error": float(np.abs(ratio - budgets).max()),
@@ -109,7 +109,7 @@ class MetaTrainer:
         outs = []
         for i, ep in enumerate(episodes):
             rng = episode_rng(self.cfg.meta.seed, self.step, i, self.device)
-            out = episode_loss(self.net, self.stamp, ep, self.cfg.meta, rng)
+            out = episode_loss(self.net, self.stamp, ep, rng)
             check_finite(out, self.step)
             (out.loss / len(episodes)).backward()
             outs.append(out)
@@ -128,7 +128,7 @@ class MetaTrainer:
         return self._val_episodes
 
     def validate(self) -> dict[str, float]:
-        return self.model.validate(self.val_episodes(), self.cfg.meta)
+        return self.model.validate(self.val_episodes())
 
     # --- state ------------------------------------------------------------------------------
 
