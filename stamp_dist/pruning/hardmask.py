@@ -29,7 +29,6 @@ so one step costs O(#groups), not O(#channels).
 
 from __future__ import annotations
 
-import math
 from numbers import Real
 from typing import Sequence
 
