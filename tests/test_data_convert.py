@@ -233,6 +233,20 @@ def test_image_size_unifies_mixed_sizes(tmp_path):
     assert x.shape == (2, 6, 6, 3) and manifest.image_size == 6
 
 
+def test_image_size_keeps_the_aspect_ratio_and_crops_the_centre(tmp_path):
+    """Resize + centre crop (torchvision's ImageNet preprocessing), not a squash: a 64×32 image whose centre
+    square is red and whose sides are blue converts to an all-red 16×16 one."""
+    img = np.zeros((32, 64, 3), dtype=np.uint8)
+    img[:, :, 2] = 255
+    img[:, 16:48] = (255, 0, 0)
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    Image.fromarray(img).save(tmp_path / "src" / "a" / "wide.png")
+    convert("imagefolder", tmp_path / "src", tmp_path / "out", "--image-size", "16")
+    x, _, _ = read(tmp_path / "out", "train")
+    assert x.shape == (1, 16, 16, 3)
+    assert (x[0, :, :, 0] >= 200).all() and (x[0, :, :, 2] <= 60).all()  # bicubic rings a little at the crop edge
+
+
 def test_data_info_fields(tmp_path, capsys):
     x, y = pixels(14, 4), np.arange(14) % 7
     np.savez(tmp_path / "d.npz", x=x, y=y, class_names=np.array([f"class{i}" for i in range(7)]))

@@ -47,7 +47,9 @@ class _OpenShard:
 
 
 def to_rgb_image(image, image_size: int | None) -> Image.Image:
-    """Any HWC/HW uint8 array or PIL image → RGB PIL image, resized to ``image_size`` if given."""
+    """Any HWC/HW uint8 array or PIL image → RGB PIL image; with ``image_size``, its shorter side resized to
+    ``image_size`` and the centre cropped square (torchvision's ``Resize`` + ``CenterCrop``: shapes keep their
+    aspect ratio, as pretrained ImageNet weights saw them)."""
     if not isinstance(image, Image.Image):
         arr = np.asarray(image)
         if arr.dtype != np.uint8:
@@ -57,7 +59,12 @@ def to_rgb_image(image, image_size: int | None) -> Image.Image:
         image = Image.fromarray(arr)
     image = image.convert("RGB")
     if image_size is not None and image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        w, h = image.size
+        scale = image_size / min(w, h)
+        size = (max(image_size, round(w * scale)), max(image_size, round(h * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+        left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+        image = image.crop((left, top, left + image_size, top + image_size))
     return image
 
 
@@ -126,12 +133,12 @@ class PerClassShardWriter:
         w, h = img.size
         if self.image_size is None:
             if w != h:
-                raise ValueError(f"image is {w}×{h}, not square; pass --image-size N to resize all images to N×N")
+                raise ValueError(f"image is {w}×{h}, not square; pass --image-size N to resize and centre-crop all images to N×N")
             self.image_size = w
         elif (w, h) != (self.image_size, self.image_size):
             raise ValueError(
                 f"image is {w}×{h} but earlier images are {self.image_size}×{self.image_size}; "
-                "pass --image-size N to resize all images to N×N"
+                "pass --image-size N to resize and centre-crop all images to N×N"
             )
 
     def add(self, split: str, label: int, image) -> None:
