@@ -16,6 +16,7 @@ from stamp_dist.cli import main
 from stamp_dist.errors import StampError
 from stamp_dist.models.backbones import build_backbone
 from stamp_dist.pruning import CostModel, check_prunable, discover_groups, masked, prune_model
+from stamp_dist.pruning.baselines import aggregate_scores
 
 X = torch.zeros(1, 3, 32, 32)
 
@@ -204,3 +205,15 @@ def test_pipeline_on_a_user_network(tiny_run, tmp_path, user_net):
     _pipeline(tmp_path, tiny_run, user_net)
     spec = (tmp_path / "ft" / "spec.json").read_text()
     assert user_net in spec
+
+
+def test_scores_of_a_layer_reading_a_concatenation_go_to_the_right_groups(user_net):
+    """SNIP, GraSP and SynFlow credit a channel with the scores of the weights reading it: for a layer reading
+    ``cat([left, right])`` those are its own run of the input, not a share of every run."""
+    model = build_backbone(user_net, 10)
+    groups = discover_groups(model, X)
+    scores = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    scores["body.fuse.0.weight"][:, 8:] = 1.0  # only the weights reading the right branch (group 3) score
+    per_channel = aggregate_scores(model, groups, scores)
+    assert per_channel[1].abs().sum() == 0  # left (group 1): nothing of fuse reads it
+    assert torch.equal(per_channel[3], torch.full((6,), 16.0))  # right: 16 output channels × one 1×1 weight

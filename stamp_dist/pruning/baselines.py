@@ -70,7 +70,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..choices import Method
 from ..errors import StampError
-from .groups import ChannelGroups, Group, build_graph
+from .groups import ChannelGroups, Group, Parts, build_graph
 from .hardmask import check_budget, uniform_ratio_masks
 from .macs import CostModel
 
@@ -119,7 +119,7 @@ def l1_scores(model: nn.Module, groups: ChannelGroups) -> list[torch.Tensor]:
         for name in g.out_members:
             m = model.get_submodule(name)
             if isinstance(m, (_ConvNd, nn.Linear)):
-                norms = _per_channel(m.weight.abs(), 0, g.channels).double().cpu()
+                norms = _per_channel(m.weight.abs(), 0).double().cpu()
                 score += norms / norms.mean().clamp_min(1e-30)  # an all-zero conv adds nothing
         out.append(score.float())
     return out
@@ -183,29 +183,44 @@ def synflow_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor 
 def aggregate_scores(model: nn.Module, groups: ChannelGroups, weight_scores: dict[str, torch.Tensor]
                      ) -> list[torch.Tensor]:
     """Per-weight scores → per-channel scores by the rule in the module docstring."""
+    inputs: dict[str, Parts] = {}
+    for call in groups.calls:
+        inputs.setdefault(call.name, call.inputs)
     out = []
     for g in groups:
         score = torch.zeros(g.channels, dtype=torch.float64)
         for name in g.out_members:  # every parameter entry writing channel c
             for pname, _ in model.get_submodule(name).named_parameters(recurse=False):
-                score += _per_channel(weight_scores[f"{name}.{pname}"], 0, g.channels).double().cpu()
+                score += _per_channel(weight_scores[f"{name}.{pname}"], 0).double().cpu()
         for name in g.in_members:  # every weight entry reading channel c
-            score += _per_channel(weight_scores[f"{name}.weight"], 1, g.channels).double().cpu()
+            score += _read_by(g, inputs[name], _per_channel(weight_scores[f"{name}.weight"], 1)).double().cpu()
         out.append(score.float())
     return out
 
 
-def _per_channel(score: torch.Tensor, dim: int, channels: int) -> torch.Tensor:
+def _read_by(group: Group, parts: Parts, per_input: torch.Tensor) -> torch.Tensor:
+    """The entries of a layer's per-input-channel scores that read ``group``: its run(s) in the layer's input
+    (a concatenation holds several groups side by side). A linear reading a flattened ``[C, H, W]`` map has
+    ``H·W`` entries per channel, in c-major blocks."""
+    total = sum(n for _, n in parts)
+    if len(per_input) != total:
+        if len(per_input) % total:
+            raise StampError(f"a layer reads {len(per_input)} input entries from {total} channels; grouped "
+                             "convolutions other than depthwise are not supported")
+        per_input = per_input.view(total, -1).sum(1)
+    runs, start = [], 0
+    for index, n in parts:
+        if index == group.index:
+            runs.append(per_input[start:start + n])
+        start += n
+    return torch.cat(runs)
+
+
+def _per_channel(score: torch.Tensor, dim: int) -> torch.Tensor:
     """Sum a parameter-shaped score over every axis but ``dim`` (0: out-channels, 1: in-channels)."""
     if score.dim() == 1:  # biases, BN affine parameters
         return score.detach()
-    s = score.detach().transpose(0, dim).reshape(score.shape[dim], -1).sum(1)
-    if len(s) != channels:
-        if len(s) % channels:
-            raise StampError(f"a layer has {len(s)} channels on a group of {channels}; grouped convolutions "
-                             "other than depthwise are not supported")
-        s = s.view(channels, -1).sum(1)  # a linear reading a flattened [C, H, W] map: c-major blocks
-    return s
+    return score.detach().transpose(0, dim).reshape(score.shape[dim], -1).sum(1)
 
 
 # --- the registry --------------------------------------------------------------------------------------------
