@@ -130,8 +130,7 @@ class FinetuneConfig:
     batch_size: int = 16  # small: data-scarce targets have ~100 images, and each epoch should take several steps
     lr: float = 0.05
     # Multiplies ``lr`` for every parameter but the new head: a small target sample otherwise drags
-    # the pretrained features away (synthetic held-out, 10/class: dense 98.7% with the prototype head
-    # alone, 82% after 30 epochs at 1.0, 97% at 0.3; digits 91% either way — docs/history/BENCHMARKS-v1.md).
+    # the pretrained features away (measured: docs/history/BENCHMARKS-v1.md).
     backbone_lr: float = 0.3
     momentum: float = 0.9
     weight_decay: float = 5e-4

@@ -186,8 +186,7 @@ def hard_masks(stamp: Stamp, cost: CostModel, inputs: SetInputs, budget: float, 
     ``selection``: ``top`` keeps the most probable channels; ``sample`` draws the mask from the generator's
     own distribution (Gumbel noise on the logits, then the same rule; seeded), as meta-training scores
     masks drawn from it. Channels the generator rates alike then stay a diverse draw instead of one
-    correlated block: measured on the real targets (30 fine-tuning epochs, 3 seeds), sampling moved STAMP
-    from −1.6 to +0.5 points against random channels on digits at budget 0.25 (docs/BENCHMARKS.md)."""
+    correlated block (measured on the real targets: docs/BENCHMARKS.md, "What changed the method")."""
     logits = stamp(inputs, budget)
     if selection == "sample":
         gen = torch.Generator().manual_seed(seed)

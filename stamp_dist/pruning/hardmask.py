@@ -19,9 +19,8 @@ that still fit, so the result lands just below the budget.
 
 Why not "probability per MAC saved" for the removal order (DESIGN.md §2.6's first suggestion):
 a residual stream's channels feed many convs, so each saves many MACs and that rule strips the
-stream to one channel even when the generator rates it highly. Measured on the demo ResNet-20
-(20 held-out validation tasks, budget ≈ 0.37): per-MAC order 45.2% query accuracy vs 53.5% for
-random channels; the generator's own probabilities under a uniform per-group ratio gave 68.1%.
+stream to one channel even when the generator rates it highly; on the demo ResNet-20 that order
+scored below random channels on held-out validation tasks (docs/BENCHMARKS.md, "Per-group keep ratios").
 The generator is trained so that its expected MACs under ``p`` match the budget, so ranking by
 ``p`` alone keeps the masks it was trained with. Within a group every channel costs the same,
 so one step costs O(#groups), not O(#channels).
