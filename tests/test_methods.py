@@ -64,6 +64,13 @@ def test_prune_cli_takes_a_method_and_warns_about_the_generator_it_ignores(tiny_
     assert "warning: --generator is not used by --method l1; ignored" in captured.err
     _, spec = stamp_dist.load_pruned(tmp_path / "l1")
     assert spec.report["method"] == "l1" and spec.report["backbone"] == f"{tiny_run}/pretrain"
+    # the same artifact as STAMP's: fine-tuned, then exported, by the same commands
+    assert main(["finetune", "--model", str(tmp_path / "l1"), "--data", str(digits), "--epochs", "1",
+                 "--out", str(tmp_path / "l1-ft"), "runtime.device=cpu", "finetune.train_per_class=5"]) == 0
+    assert main(["export", "--model", str(tmp_path / "l1-ft"), "--format", "torch.export",
+                 "--out", str(tmp_path / "l1.pt2")]) == 0
+    assert stamp_dist.load_pruned(tmp_path / "l1-ft")[1].report["method"] == "l1"
+    assert (tmp_path / "l1.pt2").stat().st_size > 0
 
 
 def test_bench_cache_keys_hold_each_methods_settings(tiny_run, tiny_generator, tmp_path):
