@@ -164,9 +164,9 @@ class Bench:
 
     def __init__(self, cfg: StampConfig, device: torch.device):
         self.cfg, self.device = cfg, device
-        self.source = Source.load(cfg.pretrain.out, device)
+        self.source = Source.load(cfg.pretrain.out, device, cfg.runtime.micro_batch)
         if any(METHODS[m].uses_generator for m in cfg.bench.methods):
-            generator = load_generator(cfg.meta.out, device)
+            generator = load_generator(cfg.meta.out, device, cfg.runtime.micro_batch)
             if generator.info["backbone"]["fingerprint"] != self.source.fingerprint:
                 raise StampError(f"the generator in {cfg.meta.out} was meta-trained on another backbone than "
                                  f"{cfg.pretrain.out}; compare methods from one backbone (re-run `stamp meta-train`)")

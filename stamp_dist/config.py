@@ -152,6 +152,10 @@ class RuntimeConfig:
     prefetch: int = 4  # episodes each worker requests ahead of the one it trains on
     zero_stage: int = 0
     precision: str = "fp32"  # fp32 | bf16
+    # Images per forward pass when reading a set or scoring an episode (meta-training, `stamp prune`); 0 = the
+    # whole set at once. Chunks are checkpointed (recomputed in backward), so memory stops growing with the
+    # episode: what ImageNet-sized episodes need (configs/imagenet_resnet50.yaml).
+    micro_batch: int = 0
     max_failures: int = 2
     device: str = "auto"  # auto | cpu | cuda
     num_cpus: Optional[int] = None  # logical CPUs of a locally started Ray; None = max(detected, what the run asks for)

@@ -62,8 +62,8 @@ class Source:
     generator: Generator | None = None
 
     @classmethod
-    def load(cls, directory: str | Path, device: torch.device) -> "Source":
-        return cls(PrunableBackbone.load(directory, device))
+    def load(cls, directory: str | Path, device: torch.device, micro_batch: int = 0) -> "Source":
+        return cls(PrunableBackbone.load(directory, device, micro_batch=micro_batch))
 
     @classmethod
     def of_generator(cls, gen: Generator) -> "Source":
@@ -290,8 +290,9 @@ def prune_with(method: str, data: str | Path, budget: float, out: str | Path, cf
     check_writable(out)
     t0 = time.perf_counter()
     dev = pick_device(device)
-    source = Source.of_generator(load_generator(generator, dev)) if m.uses_generator else \
-        Source.load(cfg.pretrain.out if backbone is None else backbone, dev)
+    chunk = cfg.runtime.micro_batch
+    source = Source.of_generator(load_generator(generator, dev, chunk)) if m.uses_generator else \
+        Source.load(cfg.pretrain.out if backbone is None else backbone, dev, chunk)
     p = cfg.prune
     target = load_target(data, p.samples_per_class, source.net.record)
     target.x, target.y = target.x.to(dev), target.y.to(dev)

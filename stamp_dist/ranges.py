@@ -60,6 +60,7 @@ RANGES: dict[str, Range] = {
     "data.seed": SEED,
     "data.demo_classes": at_least(2),
     "data.demo_fractal_classes": at_least(0),
+    "runtime.micro_batch": at_least(0),
     "data.demo_train_per_class": COUNT,
     "data.demo_test_per_class": COUNT,
     "model.width": Range(1, 1024),

@@ -53,6 +53,25 @@ def test_learn_backbone_sends_gradient_to_backbone():
     assert net.backbone.features[0].weight.grad is not None and net.backbone.features[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("overrides", [{}, {"first_order": False}])
+def test_micro_batched_episode_has_the_same_loss_and_meta_gradient(overrides):
+    """``runtime.micro_batch`` checkpoints the masked forwards chunk by chunk (memory), and changes nothing
+    else: the loss and every meta-gradient equal those of one pass over the episode."""
+    def run(micro_batch):
+        torch.manual_seed(0)  # the same backbone and generator weights in both runs
+        net, stamp, episode = setup(stats=["activity", "fisher", "taylor", "redundancy"], **overrides)
+        net.micro_batch = micro_batch
+        out = episode_loss(net, stamp, episode, torch.Generator().manual_seed(1))
+        out.loss.backward()
+        return out.loss, [p.grad.clone() for p in stamp.parameters() if p.grad is not None]
+
+    whole, chunked = run(0), run(2)  # 6 support + 9 query images: chunks of 2, the last one short
+    torch.testing.assert_close(chunked[0], whole[0], atol=1e-5, rtol=1e-5)
+    assert len(chunked[1]) == len(whole[1]) > 0
+    for a, b in zip(chunked[1], whole[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_same_seed_same_loss():
     net, stamp, episode = setup()
     a = episode_loss(net, stamp, episode, torch.Generator().manual_seed(3))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from stamp_dist.choices import CHANNEL_STATS
-from stamp_dist.meta.set_inputs import LEGACY_STATS, channel_statistics, read_set
+from stamp_dist.meta.set_inputs import LEGACY_STATS, _pooled, channel_statistics, read_set
 from stamp_dist.models.backbones import build_backbone
 from stamp_dist.models.generator import MaskGenerator
 from stamp_dist.pruning.groups import discover_groups
@@ -22,7 +22,7 @@ NUM_STATS = len(LEGACY_STATS)
 
 
 def test_separating_channel_has_the_highest_fisher_ratio():
-    stats = channel_statistics(_acts(), n_way=4)
+    stats = channel_statistics(_pooled(_acts()), n_way=4)
     assert stats.shape == (3, NUM_STATS)
     activity, fisher = stats.T
     assert fisher.argmax() == 0 and fisher.argmin() == 2
@@ -33,7 +33,7 @@ def test_separating_channel_has_the_highest_fisher_ratio():
 def test_a_copied_channel_is_redundant():
     acts = _acts()
     acts = torch.cat([acts, 2 * acts[:, :1]], dim=1)  # channel 3 = 2 × channel 0
-    (redundancy,) = channel_statistics(acts, 4, ["redundancy"]).T
+    (redundancy,) = channel_statistics(_pooled(acts), 4, ["redundancy"]).T
     assert set(redundancy.topk(2).indices.tolist()) == {0, 3}
 
 
@@ -79,6 +79,21 @@ def test_read_set_matches_backbone_and_groups():
     assert [tuple(s.shape) for s in inputs.channel_stats] == [(c, len(CHANNEL_STATS)) for c in groups.sizes]
     assert all(torch.isfinite(s).all() for s in inputs.channel_stats)
     assert not any(h for m in backbone.modules() for h in m._forward_hooks.values())  # hooks removed
+
+
+@pytest.mark.parametrize("micro_batch", [4, 5])
+def test_reading_a_set_in_chunks_reads_the_same(micro_batch):
+    """``micro_batch`` bounds memory, not results: every statistic (``taylor`` included, whose loss needs the
+    whole set's prototypes) and the features equal one pass over the set."""
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet20", 3, width=4).double().eval().requires_grad_(False)
+    groups = discover_groups(backbone, torch.zeros(1, 3, 16, 16, dtype=torch.float64))
+    x = torch.randn(3 * 4, 3, 16, 16, dtype=torch.float64) + torch.arange(3).repeat_interleave(4).view(-1, 1, 1, 1)
+    whole = read_set(backbone, groups, x, 3, CHANNEL_STATS)
+    chunked = read_set(backbone, groups, x, 3, CHANNEL_STATS, micro_batch=micro_batch)
+    torch.testing.assert_close(chunked.features, whole.features)
+    for a, b in zip(chunked.channel_stats, whole.channel_stats):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
 def test_generator_reads_statistics_once_trained():

@@ -126,7 +126,8 @@ def _settings(info: dict, path: Path, fix: str) -> StampSettings:
     return settings
 
 
-def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
+def load_generator(path: str | Path, device: str | torch.device = "cpu", micro_batch: int = 0) -> Generator:
+    """A generator artifact (or a run's best one) on ``device``; ``micro_batch``: see ``runtime.micro_batch``."""
     path = resolve(path)
     record = path / "generator.json"
     fix = (f"the generator artifact {path} is damaged: copy it again, or publish a new one with `stamp meta-train` "
@@ -137,7 +138,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
         raise StampError(f"{record} has format {found!r}, expected {FORMAT!r} (or {V1!r})")
     check_record(info, {"backbone": dict, "groups": list, "meta": dict, "step": int}, record, fix)
     check_record(info["backbone"], {"fingerprint": str, "image_size": int}, record, fix)
-    net = PrunableBackbone.load(path, device, fix)
+    net = PrunableBackbone.load(path, device, fix, micro_batch=micro_batch)
     if net.fingerprint() != info["backbone"]["fingerprint"]:
         raise StampError(f"{path}: backbone weights do not match the generator's fingerprint; {fix}")
     if group_layout(net.groups) != info["groups"]:

@@ -84,7 +84,7 @@ class Stamp(nn.Module):
 
     def read(self, net: PrunableBackbone, x: torch.Tensor, n_way: int) -> SetInputs:
         """What this module reads from a set of normalised, class-grouped images (:func:`read_set`)."""
-        return read_set(net.backbone, net.groups, x, n_way, self.stats or ("activity",))
+        return read_set(net.backbone, net.groups, x, n_way, self.stats or ("activity",), net.micro_batch)
 
 
 @dataclass
@@ -120,17 +120,18 @@ def adapted_logits(net: PrunableBackbone, masks: list[torch.Tensor], sx: torch.T
     def head_loss(p):
         return F.cross_entropy(F.linear(fs, p["fc.weight"], p["fc.bias"]), sy)
 
+    fs = net.features(sx, masks)
+    # Unscaled prototype logits are in the hundreds: fine for steps on the head alone, but their
+    # gradients through the whole backbone diverged to NaN within 3 meta-steps (demo, inner_lr 0.1).
+    head = prototype_head(fs, sy, n_way, unit_scale=cfg.adapt_backbone)
+    if not cfg.adapt_backbone:
+        # Head-only adaptation: masked features stay fixed across inner steps, so compute them once
+        # (micro-batched: net.features).
+        head = inner_loop(head, head_loss, cfg.inner_steps, cfg.inner_lr, cfg.first_order)
+        return F.linear(net.features(qx, masks), head["fc.weight"], head["fc.bias"])
+    # Backbone adaptation: the N-way head stands in for ``fc`` and every step re-runs the whole network.
     backbone = net.backbone
     with masked(backbone, net.groups, masks):
-        fs = backbone.forward_features(sx)
-        # Unscaled prototype logits are in the hundreds: fine for steps on the head alone, but their
-        # gradients through the whole backbone diverged to NaN within 3 meta-steps (demo, inner_lr 0.1).
-        head = prototype_head(fs, sy, n_way, unit_scale=cfg.adapt_backbone)
-        if not cfg.adapt_backbone:
-            # Head-only adaptation: masked features stay fixed across inner steps, so compute them once.
-            head = inner_loop(head, head_loss, cfg.inner_steps, cfg.inner_lr, cfg.first_order)
-            return F.linear(backbone.forward_features(qx), head["fc.weight"], head["fc.bias"])
-        # Backbone adaptation: the N-way head stands in for ``fc`` and every step re-runs the network.
         params = {k: v for k, v in backbone.named_parameters() if not k.startswith("fc.")}
         params = inner_loop({**params, **head}, lambda p: F.cross_entropy(functional_call(backbone, p, (sx,)), sy),
                             cfg.inner_steps, cfg.inner_lr, cfg.first_order)

@@ -74,11 +74,12 @@ def redundancy(v: torch.Tensor) -> torch.Tensor:
     return (corr.sum(1) - corr.diagonal()) / max(c - 1, 1)
 
 
-def channel_statistics(acts: torch.Tensor, n_way: int, names: Sequence[str] = LEGACY_STATS,
+def channel_statistics(pooled: torch.Tensor, n_way: int, names: Sequence[str] = LEGACY_STATS,
                        raw: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """``acts`` ``[N*K, C, ...]`` (class-grouped) → ``[C, len(names)]`` standardised statistics; ``raw``
-    holds the ``[C]`` scores not computed from ``acts`` (``taylor``) that ``names`` asks for."""
-    v = _pooled(acts)
+    """``pooled`` ReLU'd, spatially pooled activations ``[N*K, C]`` (class-grouped; :func:`_pooled`) →
+    ``[C, len(names)]`` standardised statistics; ``raw`` holds the ``[C]`` scores not computed from them
+    (``taylor``) that ``names`` asks for."""
+    v = pooled
     raw = raw or {}
     columns = {
         "activity": lambda: _log(v.mean(0)),
@@ -89,20 +90,25 @@ def channel_statistics(acts: torch.Tensor, n_way: int, names: Sequence[str] = LE
     return torch.stack([_standardise(columns[n]()) for n in names], dim=1)
 
 
-def _set_loss(feats: torch.Tensor, y: torch.Tensor, n_way: int) -> torch.Tensor:
-    """Cross-entropy of a unit-scale nearest-prototype head built from the set itself (the head a
-    pruned model starts fine-tuning from); summed, so ``∂L/∂a`` does not shrink with the set size."""
-    head = prototype_head(feats.detach(), y, n_way, unit_scale=True)
+def _set_loss(feats: torch.Tensor, y: torch.Tensor, head: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the set's own unit-scale nearest-prototype head (the head a pruned model starts
+    fine-tuning from); summed, so ``∂L/∂a`` does not shrink with the set size (or a chunk's)."""
     return F.cross_entropy(F.linear(feats, head["fc.weight"], head["fc.bias"]), y, reduction="sum")
 
 
-def read_set(backbone: Backbone, groups: ChannelGroups, x: torch.Tensor, n_way: int,
-             stats: Sequence[str] = LEGACY_STATS) -> SetInputs:
-    """Normalised, class-grouped images ``[N*K, 3, H, W]`` → :class:`SetInputs`. Nothing here carries a
-    gradient to the meta-learned module: these are its inputs, read while the backbone stays fixed."""
-    need_grad = "taylor" in stats
+@dataclass
+class _Chunk:
+    features: torch.Tensor  # [n, D], detached
+    pooled: list[torch.Tensor]  # per group, [n, C_g] at its first mask point
+    taylor: list[torch.Tensor] | None  # per group, [C_g]: Σ over the chunk's images of |Σ a·∂L/∂a|
+
+
+def _read_chunk(backbone: Backbone, groups: ChannelGroups, x: torch.Tensor, y: torch.Tensor, n_way: int,
+                taylor: bool, head: dict[str, torch.Tensor] | None = None) -> _Chunk:
+    """One forward pass over ``x``; with ``taylor`` also one backward of the set loss, whose prototype head is
+    ``head`` (the whole set's) or, when None, built from ``x`` itself (``x`` is the whole set)."""
     acts: dict[str, torch.Tensor] = {}
-    points = {name for g in groups for name in (g.mask_points if need_grad else g.mask_points[:1])}
+    points = {name for g in groups for name in (g.mask_points if taylor else g.mask_points[:1])}
 
     def keep(name):
         def hook(module, inputs, out):
@@ -111,22 +117,43 @@ def read_set(backbone: Backbone, groups: ChannelGroups, x: torch.Tensor, n_way: 
 
     handles = [backbone.get_submodule(name).register_forward_hook(keep(name)) for name in points]
     try:
-        with torch.set_grad_enabled(need_grad):
-            feats = backbone.forward_features(x.detach().requires_grad_(need_grad))
-            if need_grad:
-                y = torch.arange(n_way, device=x.device).repeat_interleave(len(x) // n_way)
+        with torch.set_grad_enabled(taylor):
+            feats = backbone.forward_features(x.detach().requires_grad_(taylor))
+            if taylor:
+                head = head or prototype_head(feats.detach(), y, n_way, unit_scale=True)
                 names = sorted(points)
-                grads = torch.autograd.grad(_set_loss(feats, y, n_way), [acts[n] for n in names])
-                grad_of = dict(zip(names, grads))
+                grad_of = dict(zip(names, torch.autograd.grad(_set_loss(feats, y, head), [acts[n] for n in names])))
     finally:
         for h in handles:
             h.remove()
+    scores = None
+    if taylor:  # per image |Σ_mask points Σ_spatial a·∂L/∂a|: removing a channel removes it everywhere at once
+        scores = [sum((acts[n] * grad_of[n]).flatten(2).sum(2) if acts[n].dim() > 2 else acts[n] * grad_of[n]
+                      for n in g.mask_points).abs().sum(0).detach().float() for g in groups]
+    return _Chunk(feats.detach(), [_pooled(acts[g.mask_points[0]].detach()).float() for g in groups], scores)
+
+
+def read_set(backbone: Backbone, groups: ChannelGroups, x: torch.Tensor, n_way: int,
+             stats: Sequence[str] = LEGACY_STATS, micro_batch: int = 0) -> SetInputs:
+    """Normalised, class-grouped images ``[N*K, 3, H, W]`` → :class:`SetInputs`. Nothing here carries a
+    gradient to the meta-learned module: these are its inputs, read while the backbone stays fixed.
+
+    ``micro_batch`` > 0 reads the set that many images at a time (memory grows with the chunk, not the
+    set); ``taylor`` then takes a second pass, since its loss needs the whole set's prototypes first."""
+    taylor = "taylor" in stats
+    y = torch.arange(n_way, device=x.device).repeat_interleave(len(x) // n_way)
+    if not micro_batch or len(x) <= micro_batch:
+        chunks = [_read_chunk(backbone, groups, x, y, n_way, taylor)]
+    else:
+        xs, ys = x.split(micro_batch), y.split(micro_batch)
+        chunks = [_read_chunk(backbone, groups, c, yc, n_way, False) for c, yc in zip(xs, ys)]
+        if taylor:
+            head = prototype_head(torch.cat([c.features for c in chunks]), y, n_way, unit_scale=True)
+            for chunk, (c, yc) in zip(chunks, zip(xs, ys)):
+                chunk.taylor = _read_chunk(backbone, groups, c, yc, n_way, True, head).taylor
+    feats = torch.cat([c.features for c in chunks])
     out = []
-    for g in groups:
-        raw = {}
-        if need_grad:  # Σ_images |Σ_mask points Σ_spatial a·∂L/∂a|: removing a channel removes it everywhere at once
-            per_image = sum((acts[n] * grad_of[n]).flatten(2).sum(2) if acts[n].dim() > 2 else acts[n] * grad_of[n]
-                            for n in g.mask_points)
-            raw["taylor"] = per_image.abs().sum(0).detach().float()
-        out.append(channel_statistics(acts[g.mask_points[0]].detach().float(), n_way, stats, raw))
-    return SetInputs(feats.detach().view(n_way, -1, feats.shape[-1]), out)
+    for i in range(len(groups)):
+        raw = {"taylor": sum(c.taylor[i] for c in chunks)} if taylor else {}
+        out.append(channel_statistics(torch.cat([c.pooled[i] for c in chunks]), n_way, stats, raw))
+    return SetInputs(feats.view(n_way, -1, feats.shape[-1]), out)

@@ -41,7 +41,8 @@ class MetaModel:
     def build(cls, cfg: StampConfig, device: torch.device) -> "MetaModel":
         m = cfg.meta
         torch.manual_seed(m.seed)  # before the backbone is built: its initialisation draws from the same RNG
-        net = PrunableBackbone.load(cfg.pretrain.out, device, trainable=m.learn_backbone)
+        net = PrunableBackbone.load(cfg.pretrain.out, device, trainable=m.learn_backbone,
+                                    micro_batch=cfg.runtime.micro_batch)
         return cls(net, Stamp(net.backbone.feature_dim, net.groups.sizes, StampSettings.of(m)).to(device))
 
     def trainable(self, learn_backbone: bool) -> list[torch.nn.Parameter]:

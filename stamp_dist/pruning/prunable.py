@@ -8,17 +8,20 @@ these; it lives in the pruning layer so that each of them can import it.
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ..data.readers import Normalization
 from ..models.backbones import Backbone
 from ..models.saved import load_backbone
 from .groups import ChannelGroups, discover_groups
 from .macs import CostModel
+from .masking import masked
 
 
 @dataclass
@@ -28,6 +31,9 @@ class PrunableBackbone:
     groups: ChannelGroups
     cost: CostModel
     path: Path | None = None  # where it was read: a pretrain run, or the generator artifact holding it
+    # Images per forward pass when reading a set or scoring an episode (``runtime.micro_batch``; 0 = all at
+    # once): memory then grows with this, not with the episode or the target sample.
+    micro_batch: int = 0
 
     @classmethod
     def build(cls, backbone: Backbone, record: dict, path: Path | None = None) -> "PrunableBackbone":
@@ -39,11 +45,34 @@ class PrunableBackbone:
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device, fix: str = "re-run `stamp pretrain`",
-             trainable: bool = False) -> "PrunableBackbone":
+             trainable: bool = False, micro_batch: int = 0) -> "PrunableBackbone":
         """A saved backbone (``models/saved.py``; ``fix`` ends its errors) on ``device`` in eval mode, frozen
         unless ``trainable`` (``meta.learn_backbone``)."""
         backbone, record = load_backbone(directory, fix)
-        return cls.build(backbone.to(device).eval().requires_grad_(trainable), record, Path(directory))
+        net = cls.build(backbone.to(device).eval().requires_grad_(trainable), record, Path(directory))
+        net.micro_batch = micro_batch
+        return net
+
+    def chunks(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``x`` split into forward passes of ``micro_batch`` images (one chunk when 0)."""
+        return x.split(self.micro_batch) if self.micro_batch else (x,)
+
+    def features(self, x: torch.Tensor, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``forward_features(x)`` with each group's channels scaled by ``masks`` (if given), ``micro_batch``
+        images at a time. Chunks that carry a gradient are checkpointed: their activations are recomputed in
+        the backward pass instead of kept, so an episode's memory does not grow with its images. (The backbone
+        is in eval mode, so chunking does not change BatchNorm.)"""
+        def run(chunk: torch.Tensor, *ms: torch.Tensor) -> torch.Tensor:
+            with masked(self.backbone, self.groups, ms) if ms else nullcontext():
+                return self.backbone.forward_features(chunk)
+
+        ms = tuple(masks or ())
+        if len(self.chunks(x)) == 1:
+            return run(x, *ms)
+        grad = torch.is_grad_enabled() and (any(m.requires_grad for m in ms) or
+                                            any(p.requires_grad for p in self.backbone.parameters()))
+        return torch.cat([checkpoint(run, c, *ms, use_reentrant=False) if grad else run(c, *ms)
+                          for c in self.chunks(x)])
 
     @property
     def device(self) -> torch.device:
