@@ -58,6 +58,7 @@ from .measure import count_macs_params, latency_report
 from .meta.artifact import load_generator
 from .methods import METHODS, Finetuned, Job, Source
 from .pruning.hardmask import check_budget
+from .training import Schedule
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,8 @@ class Bench:
                    lambda: self.dense_finetune(cell, sample, batch, evaluation))
 
     def finetune(self, model: torch.nn.Module, cell: Cell, sample: Target, evaluation: tuple) -> dict:
-        return finetune_model(model, (sample.x, sample.y), evaluation, self.source.net.norm, self.cfg.finetune,
-                              cell.seed, self.device, epochs=cell.epochs)
+        return finetune_model(model, (sample.x, sample.y), evaluation, self.source.net.norm,
+                              Schedule.finetuning(self.cfg.finetune, cell.seed, cell.epochs), self.device)
 
     def dense_finetune(self, cell: Cell, sample: Target, batch: Target, evaluation: tuple) -> Finetuned:
         """The dense network with a prototype head, fine-tuned on the sample (a copy). Run once per
