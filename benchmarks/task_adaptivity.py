@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from stamp_dist.atomic import write_json
-from stamp_dist.bench import TargetData, pruning_batch, split_sample
+from stamp_dist.bench.samples import TargetData, pruning_batch, split_sample
 from stamp_dist.downstream import build_pruned
 from stamp_dist.finetune import finetune_model
 from stamp_dist.training import Schedule

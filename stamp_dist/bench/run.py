@@ -1,37 +1,4 @@
-"""`stamp bench`: every pruning method side by side, at the same budget, data and fine-tuning, on
-held-out targets. This module runs and caches the cells; ``report.py`` turns them into tables and plots.
-
-A *cell* = (target, data regime, seed, method, budget):
-
-* **Data.** The regime's *sample* is ``train_per_class`` images per class drawn (seeded) from the
-  target's train split (0 = the whole split); the *scoring set* is every other image of the target
-  (rest of train + test), at most ``bench.eval_per_class`` per class (seeded; 0 = all). The
-  one-shot pruners — STAMP's set encoder, SNIP / GraSP / Taylor — read the same *pruning batch*:
-  ``prune.samples_per_class`` random images per class of the sample; the new head of every pruned
-  model is initialised from that batch's class prototypes. Methods that train before pruning
-  (``train_prune``, ``learn_gates``) and every fine-tune use the whole sample.
-* **Methods** (the registry ``methods.METHODS``): ``dense`` (no pruning: the fine-tuned reference);
-  ``random`` / ``l1`` / ``snip`` / ``grasp`` / ``synflow`` / ``taylor`` / ``magnitude``
-  (``pruning/baselines.py``; scored on the reference backbone, with a prototype head for the
-  target where the score needs the target's loss); ``train_prune`` (fine-tune dense on the sample,
-  prune that model by L1, fine-tune again with the same schedule); ``learn_gates``
-  (``pruning/gates.py``); ``stamp`` (the meta-trained generator reads the pruning batch). All start
-  from the same reference-pretrained backbone (``pretrain.out``), meet the budget through the same
-  surgery path and are fine-tuned with the same schedule (``finetune.*``, the regime's epoch count)
-  and seed.
-* **Measured** per cell: top-1 on the scoring set before and after fine-tuning, params, MACs,
-  latency at batch 1 and 64 (``measure.latency_report``; once per distinct architecture per run),
-  and wall time per stage: ``masks`` (scoring / encoding / gate training), ``surgery`` (channel
-  removal + head), ``dense_finetune`` (train_prune's first fine-tune), ``finetune`` (the final one).
-  Time to the pruned model = every stage but the final fine-tune; total = all of them. STAMP's
-  meta-training is a one-off cost shared by every target and is not in any cell.
-
-Each finished cell is one JSON file under ``bench.out/<target>/tpc<N>/`` holding its *key*: the
-settings its result depends on (schedule, backbone fingerprint, and the method's ``cache_key``: the
-generator hash for ``stamp``, gate settings for ``learn_gates``). A re-run skips cells whose stored key
-matches and re-runs the rest, so changing the fine-tune epochs or retraining the generator redoes
-exactly the cells it affects.
-"""
+"""Running the cells of `stamp bench` (cached ones are read, not re-run): ``run_bench``."""
 
 from __future__ import annotations
 
@@ -40,118 +7,23 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .atomic import write_json
-from .choices import Method
-from .config import StampConfig, bench_regimes, to_dict
-from .data.manifest import Manifest
-from .data.readers import load_split
-from .devices import pick_device
-from .downstream import Target
-from .errors import StampError
-from .finetune import finetune_model
-from .measure import count_macs_params, latency_report
-from .meta.artifact import load_generator
-from .methods import METHODS, Finetuned, Job, Source
-from .pruning.hardmask import check_budget
-from .training import Schedule
-
-
-@dataclass(frozen=True)
-class Cell:
-    target: str  # target dataset directory
-    train_per_class: int  # the data regime (0 = whole train split)
-    epochs: int  # fine-tune epochs of this regime
-    seed: int
-    method: str
-    budget: float  # MACs ratio; 1.0 for dense
-
-    @property
-    def target_name(self) -> str:
-        return Path(self.target).name
-
-    def path(self, out: str | Path) -> Path:
-        name = f"{self.method}_b{self.budget:g}_s{self.seed}.json"
-        return Path(out) / self.target_name / f"tpc{self.train_per_class}" / name
-
-    def label(self) -> str:
-        return (f"{self.method} | {self.target_name} | b={self.budget:g} | {regime_name(self.train_per_class)} "
-                f"| seed {self.seed}")
-
-
-def regime_name(train_per_class: int) -> str:
-    return "full data" if train_per_class == 0 else f"{train_per_class}/class"
-
-
-def plan_cells(cfg: StampConfig) -> list[Cell]:
-    """Every cell of the config, ordered target → regime → seed → method → budget."""
-    b = cfg.bench
-    regimes = bench_regimes(b)
-    epochs = list(b.epochs) if b.epochs is not None else [cfg.finetune.epochs] * len(regimes)
-    counts = list(b.seed_counts) if b.seed_counts is not None else [len(b.seeds)] * len(regimes)
-    cells = []
-    for target in b.targets:
-        for per_class, e, n in zip(regimes, epochs, counts):
-            for seed in b.seeds[:n]:
-                for method in b.methods:
-                    for budget in b.budgets if METHODS[method].prunes else [1.0]:
-                        check_budget(budget)
-                        cells.append(Cell(target, per_class, e, seed, method, float(budget)))
-    return cells
-
-
-# --- data ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class TargetData:
-    path: Path
-    manifest: Manifest
-    train: tuple[torch.Tensor, torch.Tensor]
-    test: tuple[torch.Tensor, torch.Tensor]
-
-    @classmethod
-    def load(cls, path: str | Path) -> "TargetData":
-        x, y, manifest = load_split(path, "train")
-        tx, ty, _ = load_split(path, "test")
-        return cls(Path(path), manifest, (x, y), (tx, ty))
-
-
-def _pick(labels: torch.Tensor, per_class: int, gen: torch.Generator) -> torch.Tensor:
-    """A bool mask choosing ``per_class`` random entries of each class (all of a smaller class)."""
-    picked = torch.zeros(len(labels), dtype=torch.bool)
-    for c in labels.unique():
-        idx = (labels == c).nonzero().squeeze(1)
-        picked[idx[torch.randperm(len(idx), generator=gen)[:per_class]]] = True
-    return picked
-
-
-def split_sample(data: TargetData, per_class: int, seed: int, eval_per_class: int = 0):
-    """The regime's sample (a class-grouped ``Target``) and the scoring set ``(images, labels)``."""
-    (x, y), (tx, ty) = data.train, data.test
-    gen = torch.Generator().manual_seed(seed)
-    picked = _pick(y, per_class, gen) if per_class else torch.ones(len(y), dtype=torch.bool)
-    order = torch.argsort(y[picked], stable=True)  # class-grouped, as the set encoder expects
-    sample = Target(x[picked][order], y[picked][order], data.manifest, data.path)
-    ex, ey = torch.cat([x[~picked], tx]), torch.cat([y[~picked], ty])
-    if eval_per_class:
-        keep = _pick(ey, eval_per_class, gen)
-        ex, ey = ex[keep], ey[keep]
-    return sample, (ex, ey)
-
-
-def pruning_batch(sample: Target, per_class: int, seed: int, device: torch.device) -> Target:
-    """``per_class`` random images per class of the sample (class-grouped, equal counts), on ``device``."""
-    counts = torch.bincount(sample.y, minlength=sample.num_classes)
-    k = min(per_class, int(counts.min()))
-    if k < 1:
-        raise StampError(f"target {sample.path}: a class has no image in the sample; raise bench.train_per_class")
-    picked = _pick(sample.y, k, torch.Generator().manual_seed(seed + 1))
-    return Target(sample.x[picked].to(device), sample.y[picked].to(device), sample.manifest, sample.path)
+from ..choices import Method
+from ..config import StampConfig, to_dict
+from ..devices import pick_device
+from ..downstream import Target
+from ..errors import StampError
+from ..finetune import finetune_model
+from ..measure import count_macs_params, latency_report
+from ..meta.artifact import load_generator
+from ..methods import METHODS, Finetuned, Job, Source
+from ..training import Schedule
+from .plan import Cell, cell_key, plan_cells, store, stored
+from .samples import TargetData, pruning_batch, split_sample
 
 
 # --- the shared context ------------------------------------------------------------------------------
@@ -183,13 +55,7 @@ class Bench:
         return self._data[target]
 
     def key(self, cell: Cell) -> dict:
-        """Everything the cell's result depends on (see the module docstring)."""
-        f, b = self.cfg.finetune, self.cfg.bench
-        key = {**asdict(cell), "backbone": self.source.fingerprint, "eval_per_class": b.eval_per_class,
-               "pruning_batch_per_class": self.cfg.prune.samples_per_class,
-               "finetune": {k: getattr(f, k) for k in ("batch_size", "lr", "backbone_lr", "momentum", "weight_decay",
-                                                       "augment", "flip")}}
-        return key | METHODS[cell.method].cache_key(self.cfg, self.source)
+        return cell_key(cell, self.cfg, self.source)
 
     def job(self, cell: Cell, sample: Target, batch: Target, evaluation: tuple) -> Job:
         return Job(sample, batch, cell.budget, cell.seed, self.cfg,
@@ -319,7 +185,7 @@ def _work(cell: Cell, data: TargetData) -> float:
 
 
 def run_bench(cfg: StampConfig, device: str | torch.device | None = None) -> BenchRun:
-    """Run (or read from the cache) every cell of ``cfg.bench``; see the module docstring."""
+    """Run (or read from the cache) every cell of ``cfg.bench``; see the package docstring."""
     if cfg.bench.num_threads:
         torch.set_num_threads(cfg.bench.num_threads)
     device = pick_device(cfg.runtime.device) if device is None else torch.device(device)
@@ -329,13 +195,11 @@ def run_bench(cfg: StampConfig, device: str | torch.device | None = None) -> Ben
     results: list[dict | None] = [None] * len(cells)
     todo, stale = [], 0
     for i, cell in enumerate(cells):
-        path = cell.path(out)
-        if path.is_file():
-            cached = json.loads(path.read_text())
-            if cached.get("key") == bench.key(cell):
-                results[i] = cached
-                continue
-            stale += 1
+        cached = stored(cell, out)
+        if cached is not None and cached.get("key") == bench.key(cell):
+            results[i] = cached
+            continue
+        stale += cached is not None
         todo.append(i)
     print(f"bench: {len(cells)} cells, {len(cells) - len(todo)} cached, {len(todo)} to run "
           f"({stale} of them cached with other settings) → {out}", flush=True)
@@ -345,7 +209,7 @@ def run_bench(cfg: StampConfig, device: str | torch.device | None = None) -> Ben
         cell = cells[i]
         t = time.perf_counter()
         result = run_cell(bench, cell)
-        write_json(cell.path(out), result)
+        store(cell, out, result)
         results[i] = result
         done_work += work[i]
         remaining -= work[i]
