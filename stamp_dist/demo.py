@@ -59,7 +59,7 @@ def run_demo(cfg: StampConfig) -> str:
     with atomic_file(out / "summary.md") as tmp:
         tmp.write_text("\n".join([table, "", "Verdict:", "", *[f"- {line}" for line in lines], "",
                                   *[f"![{p.stem}]({p.name})" for p in plots]]) + "\n")
-    write_json(out / "summary.json", {"config": to_dict(cfg), "results": run.cells, "groups": run.groups,
+    write_json(out / "summary.json", {"config": to_dict(cfg), "results": [c.to_json() for c in run.cells], "groups": run.groups,
                                       "verdict": lines, "plots": [p.name for p in plots]})
     print("\n".join(["", table, "", "verdict:", *[f"  {line}" for line in lines], "", "plots:",
                      *[f"  {p}" for p in plots], "",

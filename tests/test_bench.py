@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,19 +18,19 @@ def _digits_cfg(tiny_run, tiny_generator, out, *overrides):
 def test_cells_run_once_then_cached_and_stale_cells_rerun(tiny_run, tiny_generator, tmp_path, monkeypatch):
     cfg = _digits_cfg(tiny_run, tiny_generator, tmp_path)
     results = run.run_bench(cfg, "cpu").cells
-    assert [(r["method"], r["budget"]) for r in results] == [("dense", 1.0), ("random", 0.5), ("stamp", 0.5)]
+    assert [(r.method, r.budget) for r in results] == [("dense", 1.0), ("random", 0.5), ("stamp", 0.5)]
     for r in results:
-        assert 0 <= r["top1"] <= 1 and r["train_images"] == 50 and r["eval_images"] > 1000
-        assert r["macs_ratio"] <= r["budget"] + 0.02
-        assert set(r["latency_ms"]) == {"cpu_b1", "cpu_b64"} and all(v > 0 for v in r["latency_ms"].values())
-        assert r["seconds_total"] == pytest.approx(r["seconds_to_prune"] + r["seconds_to_finetune"])
+        assert 0 <= r.top1 <= 1 and r.train_images == 50 and r.eval_images > 1000
+        assert r.macs_ratio <= r.budget + 0.02
+        assert set(r.latency_ms) == {"cpu_b1", "cpu_b64"} and all(v > 0 for v in r.latency_ms.values())
+        assert r.seconds_total == pytest.approx(r.seconds_to_prune + r.seconds_to_finetune)
     sizes = [g.channels for g in run.Bench(cfg, torch.device("cpu")).source.net.groups]
-    assert results[0]["kept"] == sizes and all(0 < k <= c for k, c in zip(results[1]["kept"], sizes))
+    assert results[0].kept == sizes and all(0 < k <= c for k, c in zip(results[1].kept, sizes))
     cached = json.loads((tmp_path / "digits" / "tpc5" / "stamp_b0.5_s0.json").read_text())
-    assert cached["top1"] == results[2]["top1"] and cached["key"]["generator"]
+    assert cached["top1"] == results[2].top1 and cached["key"]["generator"]
 
     calls = []
-    monkeypatch.setattr(run, "run_cell", lambda b, cell: calls.append(cell) or {**results[0], "key": b.key(cell)})
+    monkeypatch.setattr(run, "run_cell", lambda b, cell: calls.append(cell) or replace(results[0], key=b.key(cell)))
     assert run.run_bench(cfg, "cpu").cells == results and calls == []  # cached cells are not re-run
     # another generator changes only the stamp cells' keys; another epoch count every cell's key
     with monkeypatch.context() as m:
@@ -96,4 +97,4 @@ def test_stamp_cells_adapt_the_generator_when_configured(tiny_run, tiny_generato
     cfg = _digits_cfg(tiny_run, tiny_generator, tmp_path, "prune.adapt_steps=2", "prune.adapt_lr=0.001",
                       "bench.methods=[stamp]")
     (cell,) = run.run_bench(cfg, "cpu").cells
-    assert seen == [(0.5, 2, 0.001, 0)] and cell["key"]["adapt"] == {"steps": 2, "lr": 0.001}
+    assert seen == [(0.5, 2, 0.001, 0)] and cell.key["adapt"] == {"steps": 2, "lr": 0.001}

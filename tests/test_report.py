@@ -3,16 +3,17 @@ import json
 import pytest
 
 from stamp_dist.bench import BenchRun, plots, stats, tables, write_report
+from stamp_dist.bench.record import CellRecord
 
 GROUPS = [{"name": "conv1", "channels": 4}, {"name": "layer1.0.conv1", "channels": 8}]
 
 
 def _cell(method, budget, seed, top1, target="t", regime=10, total=10.0):
-    return {"target": target, "train_per_class": regime, "epochs": 3, "method": method, "budget": budget,
-            "seed": seed, "top1": top1, "top1_before_finetune": top1 / 2, "params": 1000, "macs": 10,
-            "macs_ratio": budget, "params_ratio": budget, "kept": [2, 4] if method != "dense" else [4, 8],
-            "latency_ms": {"cpu_b1": 1.0, "cpu_b64": 8.0}, "seconds": {}, "seconds_to_prune": total / 2,
-            "seconds_to_finetune": total / 2, "seconds_total": total, "train_images": 20, "eval_images": 50}
+    return CellRecord(target=target, train_per_class=regime, epochs=3, method=method, budget=budget, seed=seed,
+                      top1=top1, top1_before_finetune=top1 / 2, params=1000, macs=10, macs_ratio=budget,
+                      params_ratio=budget, kept=[2, 4] if method != "dense" else [4, 8],
+                      latency_ms={"cpu_b1": 1.0, "cpu_b64": 8.0}, seconds={}, seconds_to_prune=total / 2,
+                      seconds_to_finetune=total / 2, seconds_total=total, train_images=20, eval_images=50, key={})
 
 
 def _cells(stamp_acc, other_acc):

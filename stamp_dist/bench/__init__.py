@@ -1,6 +1,7 @@
 """`stamp bench`: every pruning method side by side, at the same budget, data and fine-tuning, on
-held-out targets: the cells are planned and cached (``plan``), run (``run``) and turned into the report
-(``report``: rows and the noise rule in ``stats``, markdown in ``tables``, PNGs in ``plots``).
+held-out targets: the cells are planned and cached (``plan``), run (``run``: each gives a typed
+``record.CellRecord``) and turned into the report (``report``: rows and the noise rule in ``stats``,
+markdown in ``tables``, PNGs in ``plots``).
 
 A *cell* = (target, data regime, seed, method, budget):
 

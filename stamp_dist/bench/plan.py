@@ -11,6 +11,7 @@ from ..atomic import write_json
 from ..config import StampConfig, bench_regimes
 from ..methods import METHODS, Source
 from ..pruning.hardmask import check_budget
+from .record import CellRecord
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,11 @@ def cell_key(cell: Cell, cfg: StampConfig, source: Source) -> dict:
 
 
 def stored(cell: Cell, out: Path) -> dict | None:
-    """The result stored for ``cell`` under ``out`` (whatever key it was run with), or None."""
+    """The JSON stored for ``cell`` under ``out``, or None: a plain dict, so that a file of another run or
+    format is compared by its key (and re-run) rather than refused."""
     path = cell.path(out)
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def store(cell: Cell, out: Path, result: dict) -> None:
-    write_json(cell.path(out), result)
+def store(cell: Cell, out: Path, record: CellRecord) -> None:
+    write_json(cell.path(out), record.to_json())

@@ -30,7 +30,7 @@ def write_report(run: BenchRun, out: str | Path, command: str | None = None) -> 
     plots["time"].append("plots/time_to_model.png")
     report = {"command": command, "machine": run.machine, "meta_training_seconds": run.meta_training_seconds,
               "generator": run.generator, "groups": run.groups, "rows": rows, **summary, "plots": plots,
-              "cells": run.cells, "config": run.config}
+              "cells": [c.to_json() for c in run.cells], "config": run.config}
     write_json(out / "report.json", report)
     with atomic_file(out / "report.md") as tmp:
         tmp.write_text(markdown(run, rows, summary, plots, command) + "\n")

@@ -23,6 +23,7 @@ from ..meta.artifact import load_generator
 from ..methods import METHODS, Finetuned, Job, Source
 from ..training import Schedule
 from .plan import Cell, cell_key, plan_cells, store, stored
+from .record import CellRecord
 from .samples import TargetData, pruning_batch, split_sample
 
 
@@ -97,7 +98,7 @@ def _out_channels(module: torch.nn.Module) -> int:
     raise StampError(f"cannot read the channel count of a {type(module).__name__}")
 
 
-def run_cell(bench: Bench, cell: Cell) -> dict:
+def run_cell(bench: Bench, cell: Cell) -> CellRecord:
     sample, evaluation = split_sample(bench.data(cell.target), cell.train_per_class, cell.seed,
                                       bench.cfg.bench.eval_per_class)
     batch = pruning_batch(sample, bench.cfg.prune.samples_per_class, cell.seed, bench.device)
@@ -113,18 +114,18 @@ def run_cell(bench: Bench, cell: Cell) -> dict:
     macs, params = count_macs_params(model, bench.source.net.input_size)
     kept = kept_channels(model, bench)
     to_model = sum(v for k, v in stages.items() if k != "finetune")
-    return {
-        "target": cell.target_name, "train_per_class": cell.train_per_class, "epochs": cell.epochs,
-        "method": cell.method, "budget": cell.budget, "seed": cell.seed,
-        "top1": result["top1"], "top1_before_finetune": result["top1_before"],
-        "params": params, "macs": macs, "macs_ratio": macs / bench.dense_macs,
-        "params_ratio": params / bench.dense_params, "kept": kept,
-        "latency_ms": bench.latency(model, kept),
-        "seconds": stages, "seconds_to_prune": to_model, "seconds_to_finetune": result["seconds"],
-        "seconds_total": to_model + result["seconds"],
-        "train_images": len(sample.y), "eval_images": len(evaluation[1]),
-        "key": bench.key(cell),
-    }
+    return CellRecord(
+        target=cell.target_name, train_per_class=cell.train_per_class, epochs=cell.epochs,
+        method=cell.method, budget=cell.budget, seed=cell.seed,
+        top1=result["top1"], top1_before_finetune=result["top1_before"],
+        params=params, macs=macs, macs_ratio=macs / bench.dense_macs,
+        params_ratio=params / bench.dense_params, kept=kept,
+        latency_ms=bench.latency(model, kept),
+        seconds=stages, seconds_to_prune=to_model, seconds_to_finetune=result["seconds"],
+        seconds_total=to_model + result["seconds"],
+        train_images=len(sample.y), eval_images=len(evaluation[1]),
+        key=bench.key(cell),
+    )
 
 
 # --- the run -----------------------------------------------------------------------------------------
@@ -134,7 +135,7 @@ def run_cell(bench: Bench, cell: Cell) -> dict:
 class BenchRun:
     """The cells of one `stamp bench` run (cached ones included) and what the report needs besides."""
 
-    cells: list[dict]
+    cells: list[CellRecord]
     groups: list[dict]  # [{"name", "channels"}] of the backbone's channel groups
     machine: dict
     meta_training_seconds: float | None  # the one-off STAMP cost, when the meta run recorded it
@@ -192,12 +193,12 @@ def run_bench(cfg: StampConfig, device: str | torch.device | None = None) -> Ben
     cells = plan_cells(cfg)
     bench = Bench(cfg, device)
     out = Path(cfg.bench.out)
-    results: list[dict | None] = [None] * len(cells)
+    results: list[CellRecord | None] = [None] * len(cells)
     todo, stale = [], 0
     for i, cell in enumerate(cells):
         cached = stored(cell, out)
         if cached is not None and cached.get("key") == bench.key(cell):
-            results[i] = cached
+            results[i] = CellRecord.from_json(cached)
             continue
         stale += cached is not None
         todo.append(i)
@@ -214,7 +215,7 @@ def run_bench(cfg: StampConfig, device: str | torch.device | None = None) -> Ben
         done_work += work[i]
         remaining -= work[i]
         eta = (time.perf_counter() - t0) / done_work * remaining
-        print(f"[{n}/{len(todo)}] {cell.label()}: top-1 {result['top1']:.3f}, MACs {result['macs_ratio']:.3f}, "
+        print(f"[{n}/{len(todo)}] {cell.label()}: top-1 {result.top1:.3f}, MACs {result.macs_ratio:.3f}, "
               f"{time.perf_counter() - t:.1f} s (ETA {_duration(eta)})", flush=True)
     groups = [{"name": g.name, "channels": g.channels} for g in bench.source.net.groups]
     return BenchRun(results, groups, machine_info(device), meta_training_seconds(cfg.meta.out), to_dict(cfg),

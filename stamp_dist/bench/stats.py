@@ -17,6 +17,7 @@ import numpy as np
 from ..choices import Method
 from ..methods import METHODS, Family
 from .plan import regime_name
+from .record import CellRecord
 
 ROW_KEY = ("target", "train_per_class", "method", "budget")
 
@@ -36,22 +37,22 @@ MEANS = ("top1_before_finetune", "macs_ratio", "params", "macs", "seconds_to_pru
 # --- rows ----------------------------------------------------------------------------------------------
 
 
-def aggregate(cells: list[dict]) -> list[dict]:
+def aggregate(cells: list[CellRecord]) -> list[dict]:
     """One row per (target, regime, method, budget), ordered target → regime → budget (dense first) →
     method, each in the order the cells first name them."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+    groups: dict[tuple, list[CellRecord]] = defaultdict(list)
     for c in cells:
-        groups[tuple(c[k] for k in ROW_KEY)].append(c)
-    order = {k: _first_seen(c[k] for c in cells) for k in ("target", "train_per_class", "method")}
+        groups[tuple(getattr(c, k) for k in ROW_KEY)].append(c)
+    order = {k: _first_seen(getattr(c, k) for c in cells) for k in ("target", "train_per_class", "method")}
     rows = []
     for key, cs in groups.items():
-        acc = np.array([c["top1"] for c in cs])
+        acc = np.array([c.top1 for c in cs])
         rows.append({
-            **dict(zip(ROW_KEY, key)), "epochs": cs[0]["epochs"], "seeds": [c["seed"] for c in cs],
+            **dict(zip(ROW_KEY, key)), "epochs": cs[0].epochs, "seeds": [c.seed for c in cs],
             "top1_mean": float(acc.mean()), "top1_std": float(acc.std(ddof=1)) if len(cs) > 1 else None,
-            **{k: float(np.mean([c[k] for c in cs])) for k in MEANS},
-            "latency_ms": {k: float(np.mean([c["latency_ms"][k] for c in cs])) for k in cs[0]["latency_ms"]},
-            "kept": np.mean([c["kept"] for c in cs], axis=0).tolist(),
+            **{k: float(np.mean([getattr(c, k) for c in cs])) for k in MEANS},
+            "latency_ms": {k: float(np.mean([c.latency_ms[k] for c in cs])) for k in cs[0].latency_ms},
+            "kept": np.mean([c.kept for c in cs], axis=0).tolist(),
         })
     rows.sort(key=lambda r: (order["target"][r["target"]], order["train_per_class"][r["train_per_class"]],
                              -r["budget"], order["method"][r["method"]]))
@@ -103,12 +104,11 @@ def stamp_vs_best(rows: list[dict]) -> list[dict]:
     return out
 
 
-def paired_delta(cells: list[dict], method: str, other: str, setting: tuple) -> dict | None:
+def paired_delta(cells: list[CellRecord], method: str, other: str, setting: tuple) -> dict | None:
     """``method`` − ``other`` top-1 in one (target, regime, budget) setting, paired by seed: the two cells of a
     seed share the sample, the fine-tuning order and the evaluation images, so the seed-to-seed spread
     cancels. Mean, its standard error over seeds, and beyond noise (|mean| > 2 SE; None with one seed)."""
-    top1 = {(c["method"], c["seed"]): c["top1"] for c in cells
-            if (c["target"], c["train_per_class"], c["budget"]) == setting}
+    top1 = {(c.method, c.seed): c.top1 for c in cells if (c.target, c.train_per_class, c.budget) == setting}
     seeds = sorted({s for m, s in top1 if m == method} & {s for m, s in top1 if m == other})
     if not seeds:
         return None
@@ -118,7 +118,7 @@ def paired_delta(cells: list[dict], method: str, other: str, setting: tuple) -> 
             "beyond_noise": None if se is None else bool(abs(d.mean()) > 2 * se)}
 
 
-def stamp_paired(cells: list[dict], rows: list[dict]) -> list[dict]:
+def stamp_paired(cells: list[CellRecord], rows: list[dict]) -> list[dict]:
     """Per setting with STAMP: STAMP − random channels and STAMP − the one-shot baseline with the best mean
     in that setting (picked after the fact, which favours the baseline), both paired by seed."""
     out = []
@@ -156,11 +156,11 @@ def discrimination(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
-def time_ratios(cells: list[dict]) -> dict[str, dict]:
+def time_ratios(cells: list[CellRecord]) -> dict[str, dict]:
     """Total time to the final model of STAMP over that of each method that trains on the target (train_prune,
     learn_gates): the ratio of the mean totals over the (target, regime, budget, seed) cells both methods ran;
     overall and per regime."""
-    by = {(c["method"], c["target"], c["train_per_class"], c["budget"], c["seed"]): c["seconds_total"] for c in cells}
+    by = {(c.method, c.target, c.train_per_class, c.budget, c.seed): c.seconds_total for c in cells}
     out = {}
     for other in TRAINED:
         pairs = defaultdict(list)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .plan import regime_name
+from .record import CellRecord
 from .run import BenchRun
 from .stats import NOT_PRUNING, ONE_SHOT, TRAINED, aggregate, time_table
 
@@ -18,7 +19,7 @@ def _latency(r: dict) -> str:
     return cpu + (f" (GPU {lat['cuda_b1']:.2f} / {lat['cuda_b64']:.2f})" if "cuda_b1" in lat else "")
 
 
-def summarize(cells: list[dict]) -> str:
+def summarize(cells: list[CellRecord]) -> str:
     """One markdown table of every row (the demo's summary)."""
     lines = ["| target | method | regime | budget | top-1 % (mean ± std) | seeds | params | MACs ratio "
              "| latency b1 / b64 (ms) | time to pruned model (s) | fine-tune (s) | total (s) |",
