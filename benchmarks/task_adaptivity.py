@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from stamp_dist.atomic import write_json
-from stamp_dist.bench import TargetData, pruning_batch, split_sample
+from stamp_dist.bench.samples import TargetData, pruning_batch, split_sample
 from stamp_dist.downstream import build_pruned
 from stamp_dist.finetune import finetune_model
+from stamp_dist.training import Schedule
 from stamp_dist.config import MetaConfig, load_config
 from stamp_dist.data.episodes import ClassPool, EpisodeSampler, split_classes, task_families
 from stamp_dist.data.manifest import Manifest
@@ -166,7 +167,8 @@ def main() -> None:
         for variant, m in (("set-conditioned", masks[(target, seed)]), ("constant input", const_masks[(target, seed)])):
             torch.manual_seed(seed)
             model = build_pruned(gen.net, m, batches[(target, seed)])
-            result = finetune_model(model, (sample.x, sample.y), evaluation, norm, cfg.finetune, seed, "cpu")
+            result = finetune_model(model, (sample.x, sample.y), evaluation, norm,
+                                    Schedule.finetuning(cfg.finetune, seed), "cpu")
             rows.append({"target": Path(target).name, "variant": variant, "seed": seed, "top1": result["top1"],
                          "top1_before_finetune": result["top1_before"],
                          "macs_ratio": float(gen.net.cost.macs([k.float() for k in m]) / gen.net.cost.dense_macs)})

@@ -107,8 +107,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    from .bench import run_bench
-    from .report import write_report
+    from .bench import run_bench, write_report
 
     command = " ".join(["stamp bench", *(["-c", args.config] if args.config else []), *args.overrides])
     report = write_report(run_bench(cfg), cfg.bench.out, command)

@@ -13,13 +13,15 @@ from pathlib import Path
 
 from .atomic import atomic_file, write_json
 from .bench import run_bench
+from .bench.plots import plot_keep_ratios, plot_top1
+from .bench.stats import aggregate
+from .bench.tables import summarize
 from .config import StampConfig, to_dict
 from .data.demo import FASHION_INSTALL, make_demo_data
 from .data.manifest import MANIFEST
 from .errors import StampError
 from .metatrain import meta_train
 from .pretrain import pretrain
-from .report import aggregate, plot_keep_ratios, plot_top1, summarize
 from .verdict import verdict
 
 TOP1_PLOT, KEEP_PLOT = "top1_vs_cost.png", "keep_ratios.png"
@@ -57,7 +59,7 @@ def run_demo(cfg: StampConfig) -> str:
     with atomic_file(out / "summary.md") as tmp:
         tmp.write_text("\n".join([table, "", "Verdict:", "", *[f"- {line}" for line in lines], "",
                                   *[f"![{p.stem}]({p.name})" for p in plots]]) + "\n")
-    write_json(out / "summary.json", {"config": to_dict(cfg), "results": run.cells, "groups": run.groups,
+    write_json(out / "summary.json", {"config": to_dict(cfg), "results": [c.to_json() for c in run.cells], "groups": run.groups,
                                       "verdict": lines, "plots": [p.name for p in plots]})
     print("\n".join(["", table, "", "verdict:", *[f"  {line}" for line in lines], "", "plots:",
                      *[f"  {p}" for p in plots], "",

@@ -14,21 +14,20 @@ from .data.readers import Normalization, load_split
 from .devices import pick_device
 from .errors import StampError
 from .pruning.spec import load_pruned, save_pruned
-from .training import evaluate, fit
+from .training import Schedule, evaluate, fit
 
 
 def finetune_model(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
-                   evaluation: tuple[torch.Tensor, torch.Tensor], norm: Normalization, cfg: FinetuneConfig,
-                   seed: int, device: torch.device, epochs: int | None = None) -> dict:
-    """Train ``model`` in place on ``train`` and score top-1 on ``evaluation`` before and after."""
-    epochs = cfg.epochs if epochs is None else epochs
-    before = evaluate(model, *evaluation, norm, 2 * cfg.batch_size, device)
+                   evaluation: tuple[torch.Tensor, torch.Tensor], norm: Normalization, schedule: Schedule,
+                   device: torch.device) -> dict:
+    """Train ``model`` in place on ``train`` with ``schedule`` (``Schedule.finetuning``) and score top-1 on
+    ``evaluation`` before and after."""
+    before = evaluate(model, *evaluation, norm, 2 * schedule.batch_size, device)
     t = time.perf_counter()
-    history = fit(model, (*train, norm), None, epochs, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size,
-                  seed, device, augment=cfg.augment, flip=cfg.flip, desc="fine-tune", backbone_lr=cfg.backbone_lr)
+    history = fit(model, (*train, norm), None, schedule, device, desc="fine-tune")
     seconds = time.perf_counter() - t
-    top1 = evaluate(model, *evaluation, norm, 2 * cfg.batch_size, device)
-    return {"top1": top1, "top1_before": before, "seconds": seconds, "epochs": epochs,
+    top1 = evaluate(model, *evaluation, norm, 2 * schedule.batch_size, device)
+    return {"top1": top1, "top1_before": before, "seconds": seconds, "epochs": schedule.epochs,
             "train_images": len(train[1]), "eval_images": len(evaluation[1]), "history": history}
 
 
@@ -52,7 +51,8 @@ def finetune(model_dir: str | Path, data: str | Path, out: str | Path, epochs: i
                          f"`stamp data convert ... --image-size {spec.input_size[1]}`")
     x, y, _ = load_split(data, "train", per_class=cfg.train_per_class or None)
     tx, ty, _ = load_split(data, "test")
-    result = finetune_model(model, (x, y), (tx, ty), Normalization(spec.mean, spec.std), cfg, cfg.seed, dev, epochs)
+    result = finetune_model(model, (x, y), (tx, ty), Normalization(spec.mean, spec.std),
+                            Schedule.finetuning(cfg, cfg.seed, epochs), dev)
     spec.report["finetune"] = {k: v for k, v in result.items() if k != "history"} | {"data": str(data)}
     save_pruned(out, model, spec)
     return result

@@ -41,6 +41,7 @@ from .pruning.hardmask import check_budget, uniform_ratio_masks
 from .pruning.prunable import PrunableBackbone
 from .pruning.spec import PruningSpec, save_pruned
 from .pruning.surgery import prune_model
+from .training import Schedule
 
 
 class Family(Enum):
@@ -261,8 +262,8 @@ def _finetune_dense(source: Source, job: Job) -> Finetuned:
     the sample with ``finetune.*`` (no held-out images here: it is scored on the sample itself)."""
     dense = METHODS[Method.DENSE].prune(source, job)
     sample = (job.sample.x, job.sample.y)
-    return Finetuned(dense, finetune_model(dense.model, sample, sample, source.net.norm, job.cfg.finetune, job.seed,
-                                           source.net.device))
+    schedule = Schedule.finetuning(job.cfg.finetune, job.seed)
+    return Finetuned(dense, finetune_model(dense.model, sample, sample, source.net.norm, schedule, source.net.device))
 
 
 def prune_with(method: str, data: str | Path, budget: float, out: str | Path, cfg: StampConfig | None = None,

@@ -27,7 +27,7 @@ from .errors import StampError
 from .models.backbones import build_backbone
 from .models.saved import META, WEIGHTS, save_backbone
 from .pruning import check_prunable, discover_groups
-from .training import fit
+from .training import Checkpointing, Schedule, fit
 
 def _run_key(cfg) -> dict:
     """Settings that determine the trained weights, except ``epochs`` (a run may be extended)."""
@@ -81,8 +81,8 @@ def pretrain(cfg) -> Path:
     print(f"pretraining {cfg.model.backbone} on {cfg.data.reference}: {manifest.num_classes} classes, "
           f"{len(train[1])} train / {len(test[1])} held-out images, {pc.epochs} epochs on {device}")
 
-    history = fit(model, train, test, pc.epochs, pc.lr, pc.momentum, pc.weight_decay, pc.batch_size, pc.seed,
-                  device, augment=pc.augment, checkpoint_dir=out / "checkpoint", checkpoint_meta=key, desc="pretrain")
+    history = fit(model, train, test, Schedule.pretraining(pc), device, Checkpointing(out / "checkpoint", key),
+                  desc="pretrain")
 
     top1 = history[-1]["test_top1"]
     meta = {"backbone": cfg.model.backbone, "width": cfg.model.width, "num_classes": manifest.num_classes,

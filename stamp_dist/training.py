@@ -5,8 +5,10 @@ augmented as uint8, moved to the device and normalised there. SGD with momentum 
 cosine learning-rate schedule. All randomness (shuffling, augmentation) comes from one
 ``torch.Generator`` seeded from ``seed``, so a run is reproducible on CPU, also across a resume.
 
-Checkpoints (``fit(checkpoint_dir=...)``) hold model, optimizer, scheduler and generator state after
-each finished epoch (``stamp_dist.checkpoint``: safetensors + JSON, no pickle).
+What to train for (epochs, SGD settings, seed, augmentation) is one ``Schedule``, built from the
+config section of the stage in one place (``Schedule.pretraining`` / ``Schedule.finetuning``).
+Checkpoints (``fit(checkpoint=Checkpointing(...))``) hold model, optimizer, scheduler and generator
+state after each finished epoch (``stamp_dist.checkpoint``: safetensors + JSON, no pickle).
 """
 
 from __future__ import annotations
@@ -14,19 +16,66 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import load_state, save_state
+from .config import FinetuneConfig, PretrainConfig
 from .data.readers import Normalization
 from .errors import StampError
 from .progress import progress
 
 Split = tuple[torch.Tensor, torch.Tensor, Normalization]  # (uint8 images, labels, input statistics)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How ``fit`` trains. ``augment``: random crops, plus horizontal flips if ``flip`` (off for data where a
+    mirror image changes the meaning, such as digits); ``backbone_lr`` scales the learning rate of every
+    parameter but the head (``model.fc``)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    seed: int
+    augment: bool = True
+    flip: bool = True
+    backbone_lr: float = 1.0
+
+    @classmethod
+    def pretraining(cls, c: PretrainConfig) -> "Schedule":
+        return cls(c.epochs, c.batch_size, c.lr, c.momentum, c.weight_decay, c.seed, c.augment)
+
+    @classmethod
+    def finetuning(cls, c: FinetuneConfig, seed: int, epochs: int | None = None) -> "Schedule":
+        """``finetune.*`` with the caller's seed (the bench cell's, the prune job's) and epoch count
+        (None: ``finetune.epochs``)."""
+        return cls(c.epochs if epochs is None else epochs, c.batch_size, c.lr, c.momentum, c.weight_decay, seed,
+                   c.augment, c.flip, c.backbone_lr)
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where ``fit`` saves its state after every epoch, and the settings (JSON-able) a resumed run must match."""
+
+    directory: Path
+    meta: dict
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the epoch count and history, and what one epoch advances."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator  # every random choice of the loop (shuffling, augmentation)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, flip: bool = True, pad: int = 4) -> torch.Tensor:
@@ -44,18 +93,12 @@ def augment(images: torch.Tensor, generator: torch.Generator, flip: bool = True,
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-_augment = augment  # ``train_epoch``'s ``augment`` flag shadows the function's name inside it
-
-
-def train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norm: Normalization,
-                opt: torch.optim.Optimizer, batch_size: int, generator: torch.Generator, device: torch.device,
-                augment: bool = True, scheduler=None, bar=None,
-                flip: bool = True) -> tuple[float, float]:
+def train_epoch(state: TrainState, train: Split, schedule: Schedule, device: torch.device,
+                bar=None) -> tuple[float, float]:
     """One pass over the shuffled data; returns (mean loss, accuracy) on the augmented batches.
-
-    ``augment``: random crops, plus horizontal flips if ``flip`` (off for data where a mirror image
-    changes the meaning, such as digits).
-    ``scheduler`` (if given) steps after every batch; ``bar`` (a progress bar) advances per image."""
+    The scheduler steps after every batch; ``bar`` (a progress bar) advances per image."""
+    images, labels, norm = train
+    model, generator, batch_size = state.model, state.generator, schedule.batch_size
     model.train()
     order = torch.randperm(len(labels), generator=generator)
     loss_sum, correct, seen = 0.0, 0, 0
@@ -64,17 +107,16 @@ def train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, no
         if len(idx) < 2:  # BatchNorm cannot train on a single sample
             continue
         x = images[idx]
-        if augment:
-            x = _augment(x, generator, flip=flip)
+        if schedule.augment:
+            x = augment(x, generator, flip=schedule.flip)
         x = norm(x.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
         y = labels[idx].to(device, non_blocking=True)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
-        opt.zero_grad(set_to_none=True)
+        state.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        if scheduler is not None:
-            scheduler.step()
+        state.opt.step()
+        state.scheduler.step()
         loss_sum += loss.item() * len(idx)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(idx)
@@ -100,88 +142,79 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norm:
 # --- checkpoints (stamp_dist.checkpoint: safetensors + JSON, replaced atomically) ------------
 
 
-def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, scheduler,
-                    generator: torch.Generator, epoch: int, history: list[dict], meta: dict) -> None:
-    save_state(directory, {"epoch": epoch, "history": history, "meta": meta, "model": model.state_dict(),
-                           "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
-                           "generator": generator.get_state()})
+def save_checkpoint(at: Checkpointing, state: TrainState, epoch: int, history: list[dict]) -> None:
+    save_state(at.directory, {"epoch": epoch, "history": history, "meta": at.meta, "model": state.model.state_dict(),
+                              "optimizer": state.opt.state_dict(), "scheduler": state.scheduler.state_dict(),
+                              "generator": state.generator.get_state()})
 
 
-def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, scheduler,
-                    generator: torch.Generator, meta: dict) -> tuple[int, list[dict]] | None:
+def load_checkpoint(at: Checkpointing, state: TrainState) -> tuple[int, list[dict]] | None:
     """Restore what ``save_checkpoint`` saved; returns (epochs done, history), or None without a checkpoint."""
-    state = load_state(directory)
-    if state is None:
+    saved = load_state(at.directory)
+    if saved is None:
         return None
-    if state["meta"] != meta:
-        diff = sorted(k for k in set(meta) | set(state["meta"]) if meta.get(k) != state["meta"].get(k))
-        raise StampError(f"checkpoint {directory} belongs to a run with different settings ({', '.join(diff)}); "
+    if saved["meta"] != at.meta:
+        diff = sorted(k for k in set(at.meta) | set(saved["meta"]) if at.meta.get(k) != saved["meta"].get(k))
+        raise StampError(f"checkpoint {at.directory} belongs to a run with different settings ({', '.join(diff)}); "
                          "remove it or write this run elsewhere")
-    model.load_state_dict(state["model"], strict=True)
-    opt.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    generator.set_state(state["generator"])
-    return state["epoch"], state["history"]
+    state.model.load_state_dict(saved["model"], strict=True)
+    state.opt.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.generator.set_state(saved["generator"])
+    return saved["epoch"], saved["history"]
 
 
 # --- the loop ----------------------------------------------------------------------------------
 
 
-def fit(model: nn.Module, train: Split, test: Split | None, epochs: int, lr: float, momentum: float,
-        weight_decay: float, batch_size: int, seed: int, device: torch.device,
-        on_epoch: Callable[[dict], None] | None = None, augment: bool = True, flip: bool = True,
-        checkpoint_dir: str | Path | None = None, checkpoint_meta: dict | None = None,
-        desc: str = "train", backbone_lr: float = 1.0) -> list[dict]:
-    """Train ``model`` for ``epochs`` epochs; returns the per-epoch history (a list of metric dicts).
+def fit(model: nn.Module, train: Split, test: Split | None, schedule: Schedule, device: torch.device,
+        checkpoint: Checkpointing | None = None, desc: str = "train") -> list[dict]:
+    """Train ``model`` for ``schedule.epochs`` epochs; returns the per-epoch history (a list of metric dicts).
 
-    With ``checkpoint_dir`` the state is saved after every epoch and a later call resumes from the
-    last finished one. ``checkpoint_meta`` (JSON-able) must match the saved run's to resume; the
-    cosine schedule follows the current ``epochs``, so a finished run can be extended.
-    ``backbone_lr`` scales the learning rate of every parameter but the head (``model.fc``)."""
+    With ``checkpoint`` the state is saved after every epoch and a later call resumes from the last
+    finished one, if its settings match; the cosine schedule follows the current ``epochs``, so a
+    finished run can be extended."""
     images, labels, norm = train
+    epochs, batch_size, lr = schedule.epochs, schedule.batch_size, schedule.lr
     model.to(device, memory_format=torch.channels_last)  # NHWC convolutions: ~25% faster on CPU (oneDNN) and GPU
     steps_per_epoch = sum(1 for s in range(0, len(labels), batch_size) if len(labels) - s >= 2)
     total_steps = max(epochs * steps_per_epoch, 1)
     cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))  # noqa: E731
     head = list(model.fc.parameters())
     rest = [p for p in model.parameters() if all(p is not h for h in head)]
-    groups = [{"params": rest, "lr": lr * backbone_lr}, {"params": head, "lr": lr}]
-    opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
-    generator = torch.Generator().manual_seed(seed)
+    groups = [{"params": rest, "lr": lr * schedule.backbone_lr}, {"params": head, "lr": lr}]
+    opt = torch.optim.SGD(groups, lr=lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+    state = TrainState(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine),
+                       torch.Generator().manual_seed(schedule.seed))
     start, history = 0, []
-    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    resumed = load_checkpoint(ckpt, model, opt, scheduler, generator, checkpoint_meta or {}) if ckpt else None
+    resumed = load_checkpoint(checkpoint, state) if checkpoint is not None else None
     if resumed is not None:
         start, history = resumed
         if start > epochs:
-            raise StampError(f"checkpoint {ckpt} has {start} epochs, more than the {epochs} asked for; "
-                             "remove it or ask for at least that many epochs")
+            raise StampError(f"checkpoint {checkpoint.directory} has {start} epochs, more than the {epochs} asked "
+                             "for; remove it or ask for at least that many epochs")
         for group in opt.param_groups:  # re-derive the LR in case ``epochs`` (the schedule's length) changed
-            group["lr"] = group["initial_lr"] * cosine(scheduler.last_epoch)
-        print(f"{desc}: resuming from {ckpt} after epoch {start}", file=sys.stderr)
+            group["lr"] = group["initial_lr"] * cosine(state.scheduler.last_epoch)
+        print(f"{desc}: resuming from {checkpoint.directory} after epoch {start}", file=sys.stderr)
 
     bar = progress(total=epochs * len(labels), initial=start * len(labels), desc=desc, unit="img", unit_scale=True)
     try:
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
-            loss, acc = train_epoch(model, images, labels, norm, opt, batch_size, generator, device,
-                                    augment=augment, scheduler=scheduler, bar=bar, flip=flip)
+            loss, acc = train_epoch(state, train, schedule, device, bar)
             if not math.isfinite(loss):  # before the checkpoint: the last good one stays
                 raise StampError(f"{desc} diverged in epoch {epoch + 1}: the training loss is {loss}; lower the "
                                  f"learning rate (now {lr}) and run again")
             metrics = {"epoch": epoch + 1, "train_loss": round(loss, 5), "train_acc": round(acc, 5),
-                       "lr_end": scheduler.get_last_lr()[0]}
+                       "lr_end": state.scheduler.get_last_lr()[0]}
             if test is not None:
                 metrics["test_top1"] = round(evaluate(model, test[0], test[1], norm, 2 * batch_size, device), 5)
             metrics["seconds"] = round(time.perf_counter() - t0, 2)
             history.append(metrics)
             bar.set_postfix({k: v for k, v in metrics.items() if k in ("train_loss", "train_acc", "test_top1")},
                             refresh=False)
-            if ckpt is not None:
-                save_checkpoint(ckpt, model, opt, scheduler, generator, epoch + 1, history, checkpoint_meta or {})
-            if on_epoch is not None:
-                on_epoch(metrics)
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, state, epoch + 1, history)
     finally:
         bar.close()
     return history

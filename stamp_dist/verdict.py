@@ -2,7 +2,7 @@
 
 One *duel* per (target, regime, budget) setting with at least two pruning methods: STAMP against the
 best other method where STAMP ran, else the best method against the runner-up. Noise is judged by
-``report.beyond_noise`` (the report's rule; never judged with one seed). Works for any targets,
+``bench.stats.beyond_noise`` (the report's rule; never judged with one seed). Works for any targets,
 methods, regimes and budgets a bench config holds.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .bench import regime_name
-from .report import NOT_PRUNING, STAMP, beyond_noise, pruning_settings
+from .bench.plan import regime_name
+from .bench.stats import NOT_PRUNING, STAMP, beyond_noise, pruning_settings
 
 FOCUS = STAMP  # the method the verdict is about, when it ran
 LISTED = 4  # settings named per line; the rest are counted
@@ -43,7 +43,7 @@ class Duel:
 
 
 def duels(rows: list[dict]) -> list[Duel]:
-    """One duel per setting of ``report.aggregate`` rows (settings with a single pruning method have none)."""
+    """One duel per setting of ``bench.stats.aggregate`` rows (settings with a single pruning method have none)."""
     out = []
     for (target, regime, budget), rs in pruning_settings(rows).items():
         ranked = sorted(rs, key=lambda r: -r["top1_mean"])
@@ -65,7 +65,7 @@ def _listing(ds: list[Duel]) -> str:
 
 
 def verdict(rows: list[dict]) -> list[str]:
-    """Three lines on ``report.aggregate`` rows: where the focus method (or each setting's best) won, where
+    """Three lines on ``bench.stats.aggregate`` rows: where the focus method (or each setting's best) won, where
     it lost, and the noise judgement with the unpruned reference (one line when nothing compares)."""
     ds = duels(rows)
     if not ds:
@@ -76,7 +76,7 @@ def verdict(rows: list[dict]) -> list[str]:
     dense = [f"{r['target']}" + (f" ({regime_name(r['train_per_class'])})" if several else "")
              + f" {100 * r['top1_mean']:.1f} %" for r in rows if r["method"] in NOT_PRUNING]
     noise = (f"Beyond noise in {beyond} of {len(judged)} judged settings (the means differ by more than 2 "
-             "standard errors over the seeds: stamp_dist/report.py)")
+             "standard errors over the seeds: stamp_dist/bench/stats.py)")
     if len(judged) < len(ds):
         noise += f"; {len(ds) - len(judged)} with one seed not judged"
     noise += f". Unpruned reference: {', '.join(dense)}." if dense else "."

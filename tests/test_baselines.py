@@ -238,22 +238,22 @@ def test_learned_gates_follow_the_budget_penalty_and_give_masks_at_the_budget():
     assert float(cost.macs([m.float() for m in masks])) / cost.dense_macs <= 0.2
 
 
-# --- train then prune (bench.py): L1 on the dense model fine-tuned on the target -----------------------------
+# --- train then prune (methods.py): L1 on the dense model fine-tuned on the target -----------------------------
 
 
 def test_train_then_prune_ranks_the_fine_tuned_weights_and_keeps_them(tiny_run):
     from conftest import tiny_config
-    from stamp_dist import bench
+    from stamp_dist.bench import plan, run, samples
     from stamp_dist.choices import Method
     from stamp_dist.methods import METHODS
     from stamp_dist.pruning.hardmask import uniform_ratio_masks
 
     cfg = tiny_config(tiny_run, f"bench.targets=[{tiny_run}/data/targets/digits]", "bench.methods=[train_prune]")
-    b = bench.Bench(cfg, torch.device("cpu"))
+    b = run.Bench(cfg, torch.device("cpu"))
     src = b.source
-    [cell] = bench.plan_cells(cfg)
-    sample, evaluation = bench.split_sample(b.data(cell.target), cell.train_per_class, cell.seed)
-    batch = bench.pruning_batch(sample, 5, cell.seed, b.device)
+    [cell] = plan.plan_cells(cfg)
+    sample, evaluation = samples.split_sample(b.data(cell.target), cell.train_per_class, cell.seed)
+    batch = samples.pruning_batch(sample, 5, cell.seed, b.device)
     g = src.net.groups[1]
     pretrained = uniform_ratio_masks(l1_scores(src.net.backbone, src.net.groups), src.net.cost, cell.budget)
     best = int(l1_scores(src.net.backbone, src.net.groups)[1].argmax())

@@ -44,7 +44,7 @@ def test_demo_end_to_end_then_cached(tmp_path, capsys, monkeypatch):
     # The re-run must not train anything: no pretrain/fine-tune epoch, no meta-step, no bench cell.
     monkeypatch.setattr("stamp_dist.training.train_epoch", no_work)
     monkeypatch.setattr("stamp_dist.meta.trainer.MetaTrainer.meta_step", no_work)
-    monkeypatch.setattr("stamp_dist.bench.run_cell", no_work)
+    monkeypatch.setattr("stamp_dist.bench.run.run_cell", no_work)
     assert main(args) == 0
     assert "reusing" in capsys.readouterr().out
     assert (tmp_path / "results" / "summary.md").read_text() == table

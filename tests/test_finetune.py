@@ -4,6 +4,7 @@ from stamp_dist.config import FinetuneConfig
 from stamp_dist.data.readers import Normalization
 from stamp_dist.finetune import finetune_model
 from stamp_dist.models.backbones import build_backbone
+from stamp_dist.training import Schedule
 
 
 def _data(n: int = 24, classes: int = 3):
@@ -17,7 +18,8 @@ def _run(backbone_lr: float):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = _data()
     cfg = FinetuneConfig(epochs=2, batch_size=8, lr=0.05, backbone_lr=backbone_lr)
-    finetune_model(model, (x, y), (x, y), Normalization([0.5] * 3, [0.25] * 3), cfg, 0, torch.device("cpu"))
+    finetune_model(model, (x, y), (x, y), Normalization([0.5] * 3, [0.25] * 3), Schedule.finetuning(cfg, 0),
+                   torch.device("cpu"))
     moved = {k: not torch.equal(before[k], v) for k, v in model.state_dict().items() if v.is_floating_point()}
     return model, moved
 

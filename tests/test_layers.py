@@ -10,7 +10,7 @@ LAYERS = [  # lowest first; a module not named here is base
     {"pruning"},
     {"meta"},
     {"dist", "pretrain", "training", "finetune", "downstream", "methods", "metatrain", "export"},
-    {"bench", "report", "verdict", "demo"},
+    {"bench", "verdict", "demo"},
     {"cli", "__init__"},
 ]
 

@@ -6,7 +6,7 @@ import torch
 
 import stamp_dist
 from conftest import tiny_config
-from stamp_dist import bench
+from stamp_dist.bench import plan, run
 from stamp_dist.cli import main
 from stamp_dist.choices import METHOD_NAMES, Method
 from stamp_dist.data.readers import Normalization, load_split
@@ -31,7 +31,7 @@ def test_the_registry_holds_every_method_name_once():
 
 def test_bench_accepts_exactly_the_registered_methods(tiny_run):
     cfg = tiny_config(tiny_run, f"bench.methods=[{','.join(METHODS)}]", f"bench.targets=[{tiny_run}/data/targets/digits]")
-    assert [c.method for c in bench.plan_cells(cfg)] == list(METHOD_NAMES)
+    assert [c.method for c in plan.plan_cells(cfg)] == list(METHOD_NAMES)
     with pytest.raises(StampError, match="bench.methods.*magic"):
         tiny_config(tiny_run, "bench.methods=[magic]")
 
@@ -77,8 +77,8 @@ def test_bench_cache_keys_hold_each_methods_settings(tiny_run, tiny_generator, t
     """The keys of cached cells must not change with the code's layout: the cache on disk depends on them."""
     cfg = tiny_config(tiny_run, f"meta.out={tiny_generator}", f"bench.targets=[{tiny_run}/data/targets/digits]",
                       f"bench.methods=[{','.join(METHODS)}]")
-    b = bench.Bench(cfg, torch.device("cpu"))
-    keys = {c.method: b.key(c) for c in bench.plan_cells(cfg)}
+    b = run.Bench(cfg, torch.device("cpu"))
+    keys = {c.method: b.key(c) for c in plan.plan_cells(cfg)}
     common = {"target", "train_per_class", "epochs", "seed", "method", "budget", "backbone", "eval_per_class",
               "pruning_batch_per_class", "finetune"}
     extra = {m: set(k) - common for m, k in keys.items()}

@@ -1,6 +1,6 @@
 """The demo's three-line verdict, on hand-made bench cells."""
 
-from stamp_dist.report import aggregate
+from stamp_dist.bench.stats import aggregate
 from stamp_dist.verdict import duels, verdict
 from test_report import _cell
 
@@ -25,7 +25,7 @@ def test_stamp_wins_loses_and_is_not_judged_with_one_seed():
         "beyond noise; one (10/class, budget 0.25): stamp 60.0 % vs random 50.0 %, 10.0 points, not judged (1 seed).",
         "stamp is behind in 1: near (10/class, budget 0.5): l1 75.0 % vs stamp 64.0 %, 11.0 points, within noise.",
         "Beyond noise in 1 of 2 judged settings (the means differ by more than 2 standard errors over the seeds: "
-        "stamp_dist/report.py); 1 with one seed not judged. Unpruned reference: far 90.0 %, near 90.0 %, one 90.0 %.",
+        "stamp_dist/bench/stats.py); 1 with one seed not judged. Unpruned reference: far 90.0 %, near 90.0 %, one 90.0 %.",
     ]
 
 
