@@ -151,7 +151,7 @@ class RuntimeConfig:
     sampler_actors: int = 2
     prefetch: int = 4  # episodes each worker requests ahead of the one it trains on
     zero_stage: int = 0
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "fp32"  # fp32 | bf16 (autocast on both backends; on Ray it needs zero_stage 1 or 2)
     # Images per forward pass when reading a set or scoring an episode (meta-training, `stamp prune`); 0 = the
     # whole set at once. Chunks are checkpointed (recomputed in backward), so memory stops growing with the
     # episode: what ImageNet-sized episodes need (configs/imagenet_resnet50.yaml).

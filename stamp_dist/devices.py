@@ -1,6 +1,9 @@
-"""The device a run computes on, from ``runtime.device`` (base layer: every stage and the meta-trainer read it)."""
+"""The device a run computes on and its precision, from ``runtime.device`` / ``runtime.precision`` (base layer:
+every stage, the meta-trainer and the distributed learner read it)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -14,3 +17,11 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise StampError("runtime.device is 'cuda' but no CUDA GPU is available; use 'auto' or 'cpu'")
     return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """``runtime.precision: bf16`` → bf16 autocast (matmuls and convolutions in bf16, weights and the
+    optimizer in fp32); ``fp32`` → nothing. Inputs such as images and frozen-backbone features stay fp32."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)

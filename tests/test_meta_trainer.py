@@ -175,3 +175,29 @@ def test_resume_is_exact_when_classes_exceed_the_sampler_buffer(tiny_run, big_cl
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_bf16_autocast_on_the_local_backend(tiny_run, tmp_path, monkeypatch):
+    """``runtime.precision: bf16`` runs the episode's convolutions and matmuls in bf16 on the local backend
+    too (the Ray learner did already): the same step's loss moves by bf16 round-off, not more, and stays
+    finite; weights and the optimizer stay fp32."""
+    import stamp_dist.meta.trainer as trainer_module
+
+    seen = []
+    real = trainer_module.episode_loss
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "episode_loss", spy)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        trainer = MetaTrainer(tiny_config(tiny_run, f"meta.out={tmp_path / precision}", "runtime.device=cpu",
+                                          f"runtime.precision={precision}"))
+        episodes = [trainer.sampler.sample() for _ in range(trainer.cfg.meta.meta_batch)]
+        losses[precision] = trainer.meta_step(episodes)["loss"]
+        assert all(p.dtype == torch.float32 for p in trainer.stamp.parameters())
+    assert seen[0] is None and seen[-1] == torch.bfloat16
+    assert losses["bf16"] != losses["fp32"] and losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)

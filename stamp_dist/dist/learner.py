@@ -22,7 +22,6 @@ each rank's partition from them. Such a checkpoint does not depend on the world 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from ..checkpoint import FILES as CHECKPOINT_FILES
 from ..checkpoint import load_state, save_state
 from ..config import StampConfig
 from ..data.episodes import Episode
+from ..devices import autocast
 from ..errors import StampError
 from ..meta.objective import check_finite, episode_loss, episode_rng, hard_masks
 from ..meta.trainer import MetaModel, summarize
@@ -81,9 +81,7 @@ class Learner:
 
     def autocast(self):
         """bf16 engines hold bf16 weights while inputs (images, frozen-backbone features) stay fp32."""
-        if self.cfg.runtime.precision != "bf16":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return autocast(self.device, self.cfg.runtime.precision)
 
     def meta_step(self, episodes: list[Episode], first_index: int) -> dict[str, float]:
         """One optimizer step from this rank's episodes; ``first_index`` is the global index of the first.

@@ -18,7 +18,7 @@ from ..checkpoint import load_state, save_state
 from ..config import MetaConfig, StampConfig, to_dict
 from ..data.episodes import ClassPool, Episode, EpisodeSampler, split_classes, task_families
 from ..data.manifest import Manifest
-from ..devices import pick_device
+from ..devices import autocast, pick_device
 from ..errors import StampError, Stopped
 from ..progress import progress
 from ..pruning.prunable import PrunableBackbone
@@ -110,7 +110,8 @@ class MetaTrainer:
         outs = []
         for i, ep in enumerate(episodes):
             rng = episode_rng(self.cfg.meta.seed, self.step, i, self.device)
-            out = episode_loss(self.net, self.stamp, ep, rng)
+            with autocast(self.device, self.cfg.runtime.precision):
+                out = episode_loss(self.net, self.stamp, ep, rng)
             check_finite(out, self.step)
             (out.loss / len(episodes)).backward()
             outs.append(out)
@@ -129,7 +130,8 @@ class MetaTrainer:
         return self._val_episodes
 
     def validate(self) -> dict[str, float]:
-        return self.model.validate(self.val_episodes())
+        with autocast(self.device, self.cfg.runtime.precision):
+            return self.model.validate(self.val_episodes())
 
     # --- state ------------------------------------------------------------------------------
 
