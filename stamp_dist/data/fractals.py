@@ -24,14 +24,9 @@ MIN_FILL = 0.12  # a genus whose attractor covers less of its box is dust, not a
 
 @dataclass(frozen=True)
 class IFS:
-    """``K`` affine maps ``x -> A[k] x + b[k]`` chosen with probabilities ``p``."""
+    """``K`` affine maps ``x -> A[k] x + b[k]``; the chaos game picks map ``k`` with probability ∝ |det A[k]|."""
     A: np.ndarray  # [K, 2, 2]
     b: np.ndarray  # [K, 2]
-
-    @property
-    def p(self) -> np.ndarray:
-        det = np.abs(np.linalg.det(self.A)) + 1e-3
-        return det / det.sum()
 
 
 def _rotation(t: np.ndarray) -> np.ndarray:

@@ -53,10 +53,6 @@ class PrunableBackbone:
         net.micro_batch = micro_batch
         return net
 
-    def chunks(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``x`` split into forward passes of ``micro_batch`` images (one chunk when 0)."""
-        return x.split(self.micro_batch) if self.micro_batch else (x,)
-
     def features(self, x: torch.Tensor, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``forward_features(x)`` with each group's channels scaled by ``masks`` (if given), ``micro_batch``
         images at a time. Chunks that carry a gradient are checkpointed: their activations are recomputed in
@@ -67,12 +63,12 @@ class PrunableBackbone:
                 return self.backbone.forward_features(chunk)
 
         ms = tuple(masks or ())
-        if len(self.chunks(x)) == 1:
+        if not self.micro_batch or len(x) <= self.micro_batch:
             return run(x, *ms)
         grad = torch.is_grad_enabled() and (any(m.requires_grad for m in ms) or
                                             any(p.requires_grad for p in self.backbone.parameters()))
         return torch.cat([checkpoint(run, c, *ms, use_reentrant=False) if grad else run(c, *ms)
-                          for c in self.chunks(x)])
+                          for c in x.split(self.micro_batch)])
 
     @property
     def device(self) -> torch.device:
