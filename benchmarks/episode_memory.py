@@ -6,7 +6,7 @@ Each configuration runs in a fresh process (peak RSS is per process), on a rando
 (the weights' values do not change the memory) with random images.
 
     python benchmarks/episode_memory.py [--backbone resnet50] [--size 224] [--ways 2 3 5 20] \\
-        [--micro-batch 10] [--threads 2]
+        [--micro-batch 10] [--threads 2] [--default-allocator]
 
 Without micro-batching every image's activations are kept for the backward pass, so the peak grows with
 the episode; with it only one chunk's are (the others are recomputed), plus ~image-sized inputs.
@@ -25,8 +25,9 @@ import time
 import torch
 
 
-def one_step(backbone_name: str, size: int, n_way: int, shots: int, micro_batch: int) -> dict:
+def one_step(backbone_name: str, size: int, n_way: int, shots: int, micro_batch: int, bounded: bool) -> dict:
     from stamp_dist.config import MetaConfig
+    from stamp_dist.devices import bound_host_allocator
     from stamp_dist.data.episodes import Task, build_episode
     from stamp_dist.meta.objective import Stamp, StampSettings, episode_loss
     from stamp_dist.models.backbones import build_backbone
@@ -36,6 +37,8 @@ def one_step(backbone_name: str, size: int, n_way: int, shots: int, micro_batch:
               "mean": [0.5] * 3, "std": [0.25] * 3}
     net = PrunableBackbone.build(build_backbone(backbone_name, 1000).eval().requires_grad_(False), record)
     net.micro_batch = micro_batch
+    if bounded:  # what PrunableBackbone.load does for a micro-batched run
+        bound_host_allocator()
     stamp = Stamp(net.backbone.feature_dim, net.groups.sizes, StampSettings.of(MetaConfig()))
     gen = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 255, (2 * shots, 3, size, size), dtype=torch.uint8, generator=gen)
@@ -46,7 +49,7 @@ def one_step(backbone_name: str, size: int, n_way: int, shots: int, micro_batch:
     episode_loss(net, stamp, episode, torch.Generator().manual_seed(1)).loss.backward()
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"n_way": n_way, "images": 2 * shots * n_way, "micro_batch": micro_batch, "peak_gib": peak,
+    return {"n_way": n_way, "images": 2 * shots * n_way, "micro_batch": micro_batch, "bounded": bounded, "peak_gib": peak,
             "before_step_gib": before, "step_gib": peak - before, "seconds": seconds}
 
 
@@ -61,26 +64,34 @@ def main() -> None:
                     help="skip runs without micro-batching above this many images (they need ~0.2 GiB per "
                          "image at ResNet-50 224x224: 20-way would need ~80 GiB)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="also run micro-batched steps with glibc's default (adaptive) mmap threshold, which "
+                         "stamp_dist fixes for micro-batched runs (devices.bound_host_allocator)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.one:
-        n_way, micro_batch = map(int, args.one.split(","))
-        print(json.dumps(one_step(args.backbone, args.size, n_way, args.shots, micro_batch)))
+        n_way, micro_batch, bounded = map(int, args.one.split(","))
+        print(json.dumps(one_step(args.backbone, args.size, n_way, args.shots, micro_batch, bool(bounded))))
         return
 
     print(f"{args.backbone} at {args.size}x{args.size}, {args.shots}+{args.shots} images per class, "
           f"{args.threads} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}")
-    print(f"{'way':>4} {'images':>7} {'micro_batch':>12} {'peak GiB':>9} {'step GiB':>9} {'seconds':>8}")
-    for micro_batch in (0, args.micro_batch):
+    print(f"{'way':>4} {'images':>7} {'micro_batch':>12} {'allocator':>10} {'peak GiB':>9} {'step GiB':>9} "
+          f"{'seconds':>8}")
+    runs = [(0, False), (args.micro_batch, True)] + ([(args.micro_batch, False)] if args.default_allocator else [])
+    for micro_batch, bounded in runs:
+        allocator = "bounded" if bounded else "default"
         for n_way in args.ways:
             if not micro_batch and 2 * args.shots * n_way > args.unbatched_max_images:
-                print(f"{n_way:>4} {2 * args.shots * n_way:>7} {'off':>12}   skipped (over --unbatched-max-images)")
+                print(f"{n_way:>4} {2 * args.shots * n_way:>7} {'off':>12} {allocator:>10}   skipped "
+                      "(over --unbatched-max-images)")
                 continue
             cmd = [sys.executable, __file__, "--backbone", args.backbone, "--size", str(args.size),
-                   "--shots", str(args.shots), "--threads", str(args.threads), "--one", f"{n_way},{micro_batch}"]
+                   "--shots", str(args.shots), "--threads", str(args.threads),
+                   "--one", f"{n_way},{micro_batch},{int(bounded)}"]
             r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-            print(f"{n_way:>4} {r['images']:>7} {micro_batch or 'off':>12} {r['peak_gib']:>9.2f} "
+            print(f"{n_way:>4} {r['images']:>7} {micro_batch or 'off':>12} {allocator:>10} {r['peak_gib']:>9.2f} "
                   f"{r['step_gib']:>9.2f} {r['seconds']:>8.1f}", flush=True)
 
 

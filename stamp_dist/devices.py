@@ -4,6 +4,10 @@ every stage, the meta-trainer and the distributed learner read it)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
+import sys
 
 import torch
 
@@ -25,3 +29,28 @@ def autocast(device: torch.device, precision: str):
     if precision != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+# glibc's mallopt parameter (malloc.h) and the fixed value set for it: blocks of 128 KiB and more are
+# mmap'ed, so freeing them returns the memory to the system.
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 128 * 1024
+
+
+@functools.cache
+def bound_host_allocator() -> bool:
+    """Fix glibc's mmap threshold (what ``MALLOC_MMAP_THRESHOLD_=131072`` does, at run time), so that
+    micro-batched work keeps its peak memory independent of the episode or target size; returns whether it
+    was set (glibc on Linux only).
+
+    By default glibc raises the threshold after the first large frees, so later activation-sized blocks
+    come from the heap, where freed chunks are kept and fragment: a CPU meta-step's peak then grew with
+    the episode (docs/DISTRIBUTED.md, "Episode memory"). CUDA tensors live in CUDA's caching allocator
+    and are not affected."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False

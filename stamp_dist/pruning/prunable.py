@@ -17,6 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..data.readers import Normalization
+from ..devices import bound_host_allocator
 from ..models.backbones import Backbone
 from ..models.saved import load_backbone
 from .groups import ChannelGroups, discover_groups
@@ -51,6 +52,8 @@ class PrunableBackbone:
         backbone, record = load_backbone(directory, fix)
         net = cls.build(backbone.to(device).eval().requires_grad_(trainable), record, Path(directory))
         net.micro_batch = micro_batch
+        if micro_batch:
+            bound_host_allocator()
         return net
 
     def features(self, x: torch.Tensor, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
