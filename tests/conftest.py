@@ -24,7 +24,7 @@ TINY = [
     "meta.q_query=3", "meta.val_every=2", "meta.val_tasks=2", "meta.val_classes=3", "meta.checkpoint_every=2",
     "meta.encoder_dim=16", "meta.encoder_heads=2", "meta.encoder_inducing=4", "meta.generator_hidden=16",
     "finetune.epochs=1", "prune.samples_per_class=5",
-    "bench.budgets=[0.5]", "bench.seeds=[0]", "bench.train_per_class=5",
+    "bench.budgets=[0.5]", "bench.seeds=[0]", "bench.train_per_class=5", "tracking.wandb_mode=disabled",
 ]
 
 
@@ -34,7 +34,7 @@ def tiny_config(root: Path, *overrides: str):
     return load_config(DEMO_YAML, [*TINY, f"data.root={root}/data", f"data.reference={root}/data/reference",
                                    f"data.fashion_mnist={root}/fashion_idx",
                                    f"pretrain.out={root}/pretrain", f"meta.out={root}/meta",
-                                   f"bench.out={root}/results", *overrides])
+                                   f"bench.out={root}/results", f"tracking.dir={root}/wandb", *overrides])
 
 
 def write_fake_fashion_mnist(folder: Path, per_class: int = 8, seed: int = 0) -> Path:
