@@ -81,6 +81,23 @@ def tiny_generator(tiny_run, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The test session's one Ray instance (4 logical CPUs: 2 workers + 2 half-CPU samplers), on 127.0.0.1.
+    Its processes inherit this process's environment (PYTHONPATH included: they import the same stamp_dist)."""
+    import ray
+
+    from stamp_dist.config import RuntimeConfig
+    from stamp_dist.distributed.launch import start_ray
+
+    # Ray Train's controller polls workers every 2 s and a worker's second report waits for that poll;
+    # with these toy steps (~0.1 s) checkpoints would wait on it. Ray's processes inherit the variable.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    start_ray(RuntimeConfig(host="127.0.0.1"), num_cpus=4)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Distributed meta-training on a real local Ray cluster: 2 sampler actors, 2 DeepSpeed workers (gloo).
 
-One Ray instance serves the test session (``ray_cluster``). ``faulty_run`` drives `stamp meta-train`
+One Ray instance serves the test session (``ray_cluster``, in conftest.py). ``faulty_run`` drives `stamp meta-train`
 with ``runtime.backend=ray`` three times on one run directory, as a user would, and the tests read
 what it left behind (each Ray Train start costs ~20 s, so the assertions share these runs):
 
@@ -30,22 +30,6 @@ from conftest import tiny_config
 from stamp_dist.errors import EXIT_STOPPED
 
 STEPS, CHECKPOINT_EVERY, VAL_EVERY = 60, 5, 20
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """The test session's one Ray instance (4 logical CPUs: 2 workers + 2 half-CPU samplers), on 127.0.0.1."""
-    import ray
-
-    from stamp_dist.config import RuntimeConfig
-    from stamp_dist.distributed.launch import start_ray
-
-    # Ray Train's controller polls workers every 2 s and a worker's second report waits for that poll;
-    # with these toy steps (~0.1 s) checkpoints would wait on it. Ray's processes inherit the variable.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    start_ray(RuntimeConfig(host="127.0.0.1"), num_cpus=4)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 def ray_processes(actor_class: str) -> list[psutil.Process]:

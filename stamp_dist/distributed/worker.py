@@ -29,7 +29,6 @@ from ..data.episodes import EpisodeStream, MetaClasses
 from ..meta.backend import Backend, rank_share
 from ..meta.trainer import MetaModel, MetaTrainer
 from .engine import DeepSpeedEngine, TorchGroup
-from .sampler import SamplerPool
 
 STOP_FILE = "STOP"
 

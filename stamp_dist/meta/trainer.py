@@ -247,7 +247,7 @@ class MetaTrainer:
     def train(self, stop_requested: Callable[[], bool]) -> dict:
         """Train (or resume) to ``meta.steps``, or until ``stop_requested()`` (asked on rank 0 after every
         step) holds; returns the run summary (rank 0 also writes it to ``summary.json``)."""
-        m, group = self.cfg.meta, self.group
+        group = self.group
         resumed = self._resume()
         chief = Chief(self, self.classes.val) if group.rank == 0 else None
         if chief:
