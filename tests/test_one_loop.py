@@ -97,7 +97,7 @@ def test_both_backends_keep_the_same_run_directory(runs):
     from stamp_dist.checkpoint import load_state
 
     local, ray = runs / "local", runs / "ray1"
-    ray_checkpoint = max((ray / "train").glob("checkpoint_*"))
+    ray_checkpoint = max(p for p in (ray / "train").glob("checkpoint_*") if p.is_dir())
     a, b = load_state(local / "checkpoint"), load_state(ray_checkpoint)
     assert a.keys() == b.keys() == {"step", "adam_steps", "params", "samplers"}
     assert a["params"].keys() == b["params"].keys() and a["step"] == b["step"] == STEPS

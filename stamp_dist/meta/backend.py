@@ -72,6 +72,9 @@ class Group(Protocol):
 
 
 class EpisodeSource(Protocol):
+    first: int  # global index of this rank's first episode in every meta-batch
+    count: int  # episodes per rank and meta-step: meta_batch / world
+
     def take(self, step: int) -> tuple[list[Episode], float]:
         """This rank's episodes of meta-step ``step`` and the seconds spent waiting for them."""
 

@@ -182,6 +182,9 @@ BackendFactory = Callable[[StampConfig, MetaModel, MetaClasses], Backend]
 
 
 class MetaTrainer:
+    """One process's meta-training, with ``backend``'s parts (the local backend's by default); ``run`` is
+    the local command, ``train`` the loop every rank runs."""
+
     def __init__(self, cfg: StampConfig, backend: BackendFactory = local_backend, device: torch.device | None = None):
         self.cfg = cfg
         self.device = device or pick_device(cfg.runtime.device)
