@@ -72,6 +72,10 @@ def start_ray(runtime: RuntimeConfig, num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    # Ray's processes inherit this environment. A wandb-core service this process started (a local run
+    # before, in the same process) must not become theirs: a killed worker's run would stay "in use"
+    # there, and the restarted worker could not resume it.
+    os.environ.pop("WANDB_SERVICE", None)
     if not sys.stdout.isatty():  # this process prints the workers' output: no colour codes in a log file
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     runtime_env = {"env_vars": worker_env(runtime)}
