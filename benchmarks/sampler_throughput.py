@@ -50,16 +50,15 @@ def pool_rate(cfg, seconds: float, prefetch: int) -> float:
     run out within ``seconds``)."""
     import ray
 
-    from stamp_dist.data.episodes import split_classes
-    from stamp_dist.data.manifest import Manifest
-    from stamp_dist.dist.sampler import EpisodeStream, SamplerPool
+    from stamp_dist.data.episodes import EpisodeStream, MetaClasses
+    from stamp_dist.distributed.sampler import SamplerPool
 
     m = cfg.meta
-    classes, _ = split_classes(Manifest.load(cfg.data.reference).num_classes, m.val_classes, m.seed)
+    classes = MetaClasses.of(cfg.data.reference, m).train
     pool = SamplerPool.start(cfg, classes, "bench")
     try:
-        ray.get([pool.request(c, m.k_shot + m.q_query) for c in classes])  # warm-up: every class buffer filled
-        stream = EpisodeStream(pool, classes, m, 0, m.meta_batch, prefetch, start_step=0)
+        ray.get([pool.request(c, m.k_shot + m.q_query, (0,)) for c in classes])  # warm-up: every class buffer filled
+        stream = EpisodeStream(pool, classes, m, 0, m.meta_batch, prefetch)
         stream.take(0)
         t0, step, taken = time.perf_counter(), 1, 0
         while time.perf_counter() - t0 < seconds:
@@ -82,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from stamp_dist.config import load_config
-    from stamp_dist.dist.launch import local_cpus, meta_train_ray, start_ray
+    from stamp_dist.distributed.launch import local_cpus, meta_train_ray, start_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="sampler_bench_"))
     base = [*toy_overrides(tmp), *args.overrides] if args.toy else list(args.overrides)
@@ -93,7 +92,7 @@ def main() -> None:
     start_ray(r, local_cpus(r))
 
     results = {"config": args.config if not args.toy else "toy", "cpus": os.cpu_count(), "platform": platform.platform(),
-               "sampler_actors": r.sampler_actors, "meta_batch_per_worker": cfg.meta.meta_batch,
+               "sampler_actors": r.sampler_actors, "meta_batch": cfg.meta.meta_batch,
                "pool_episodes_per_s": pool_rate(load_config(args.config, [*run, "meta.steps=1000000000"]), args.pool_seconds,
                                          args.pool_prefetch), "workers": {}}
     print(f"sampler pool ({r.sampler_actors} actors): {results['pool_episodes_per_s']:.1f} episodes/s")

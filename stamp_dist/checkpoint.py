@@ -1,7 +1,7 @@
 """Training state on disk without pickle: tensors in safetensors, everything else in JSON.
 
-Used for resumable checkpoints (model + optimizer + RNG). A checkpoint directory is replaced
-atomically, so an interrupted save leaves the previous checkpoint intact.
+Used for resumable checkpoints (meta-learned weights, AdamW moments, image pools: ``meta/backend.py``).
+A checkpoint directory is replaced atomically, so an interrupted save leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -68,3 +68,16 @@ def load_state(directory: str | Path, device: str | torch.device = "cpu") -> dic
         return _join(raw if legacy else raw["state"], tensors)
     except (KeyError, TypeError, ValueError) as e:
         raise StampError(f"checkpoint {directory / 'state.json'} is damaged ({type(e).__name__}: {e}); {fix}") from None
+
+
+def check_checkpoint_dir(directory: str | Path) -> None:
+    """A training checkpoint holds ``FILES`` and nothing else. Anything more — DeepSpeed's ``.pt`` pickles
+    from an older stamp_dist, or a planted file — is refused unread: unpickling runs code."""
+    directory = Path(directory)
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.relative_to(directory).as_posix() not in FILES:
+            raise StampError(
+                f"{path} is not part of a stamp_dist training checkpoint (which holds only "
+                f"{' and '.join(FILES)}); it was not loaded — a pickled file can run code. A checkpoint "
+                f"of an older version (DeepSpeed .pt files) cannot be resumed: remove {directory.parent} to "
+                "start the run over")

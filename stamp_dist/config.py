@@ -64,7 +64,7 @@ class PretrainConfig:
 class MetaConfig:
     out: str = "runs/demo/meta"
     steps: int = 300
-    meta_batch: int = 4  # tasks per meta-step (per worker when distributed)
+    meta_batch: int = 4  # tasks per meta-step, in all (on Ray each worker takes meta_batch / num_workers)
     n_way_min: int = 5
     n_way_max: int = 10
     k_shot: int = 10

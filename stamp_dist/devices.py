@@ -1,5 +1,5 @@
 """The device a run computes on and its precision, from ``runtime.device`` / ``runtime.precision`` (base layer:
-every stage, the meta-trainer and the distributed learner read it)."""
+every stage and the meta-training loop read it, on either backend)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""`stamp meta-train`: the single-process trainer (``meta/trainer.py``) or, with ``runtime.backend=ray``,
-the same objective on Ray Train + DeepSpeed workers (``dist/``), under one run lock.
+"""`stamp meta-train`: the one meta-training loop (``meta/trainer.py``) in this process
+(``runtime.backend=local``) or on Ray Train + DeepSpeed workers (``runtime.backend=ray``:
+``distributed/``), under one run lock.
 
 A stage of its own, above both backends, so that the meta layer never imports the distributed one
 (which imports Ray on load: a local run does not).
@@ -18,7 +19,7 @@ def meta_train(cfg: StampConfig) -> Path:
     """Train (or resume) and return the run's generator store."""
     with run_lock(cfg.meta.out, "meta.out"):
         if cfg.runtime.backend == "ray":
-            from .dist.launch import meta_train_ray  # Ray only for a Ray run
+            from .distributed.launch import meta_train_ray  # Ray only for a Ray run
 
             return meta_train_ray(cfg)
         return MetaTrainer(cfg).run()

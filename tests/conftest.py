@@ -24,7 +24,7 @@ TINY = [
     "meta.q_query=3", "meta.val_every=2", "meta.val_tasks=2", "meta.val_classes=3", "meta.checkpoint_every=2",
     "meta.encoder_dim=16", "meta.encoder_heads=2", "meta.encoder_inducing=4", "meta.generator_hidden=16",
     "finetune.epochs=1", "prune.samples_per_class=5",
-    "bench.budgets=[0.5]", "bench.seeds=[0]", "bench.train_per_class=5",
+    "bench.budgets=[0.5]", "bench.seeds=[0]", "bench.train_per_class=5", "tracking.wandb_mode=disabled",
 ]
 
 
@@ -34,7 +34,7 @@ def tiny_config(root: Path, *overrides: str):
     return load_config(DEMO_YAML, [*TINY, f"data.root={root}/data", f"data.reference={root}/data/reference",
                                    f"data.fashion_mnist={root}/fashion_idx",
                                    f"pretrain.out={root}/pretrain", f"meta.out={root}/meta",
-                                   f"bench.out={root}/results", *overrides])
+                                   f"bench.out={root}/results", f"tracking.dir={root}/wandb", *overrides])
 
 
 def write_fake_fashion_mnist(folder: Path, per_class: int = 8, seed: int = 0) -> Path:
@@ -79,6 +79,23 @@ def tiny_generator(tiny_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_meta")
     meta_train(tiny_config(tiny_run, f"meta.out={out}"))
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The test session's one Ray instance (4 logical CPUs: 2 workers + 2 half-CPU samplers), on 127.0.0.1.
+    Its processes inherit this process's environment (PYTHONPATH included: they import the same stamp_dist)."""
+    import ray
+
+    from stamp_dist.config import RuntimeConfig
+    from stamp_dist.distributed.launch import start_ray
+
+    # Ray Train's controller polls workers every 2 s and a worker's second report waits for that poll;
+    # with these toy steps (~0.1 s) checkpoints would wait on it. Ray's processes inherit the variable.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    start_ray(RuntimeConfig(host="127.0.0.1"), num_cpus=4)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
 
 
 @pytest.fixture(autouse=True)

@@ -183,7 +183,8 @@ def _pipeline(root, tiny_run, backbone, *model):
     meta = ["meta.steps=2", "meta.meta_batch=1", "meta.n_way_min=2", "meta.n_way_max=2", "meta.k_shot=2",
             "meta.q_query=2", "meta.val_every=2", "meta.val_tasks=1", "meta.val_classes=3", "meta.encoder_dim=16",
             "meta.encoder_heads=2", "meta.encoder_inducing=4", "meta.generator_hidden=16", "meta.checkpoint_every=2",
-            "meta.budget_min=0.4"]  # the user net's grouped conv is kept whole: lower budgets are out of reach
+            "meta.budget_min=0.4",  # the user net's grouped conv is kept whole: lower budgets are out of reach
+            "tracking.wandb_mode=disabled"]
     assert main(["pretrain", *common]) == 0
     assert main(["meta-train", *common, *meta]) == 0
     target = d / "targets" / "digits"

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_imagenet_resnet50_config_builds_the_meta_model():
-    from stamp_dist.dist.learner import deepspeed_config
+    from stamp_dist.distributed.engine import deepspeed_config
     from stamp_dist.meta.objective import Stamp, StampSettings
     from stamp_dist.models.backbones import build_backbone
     from stamp_dist.pruning.prunable import PrunableBackbone
@@ -30,19 +30,31 @@ def test_imagenet_resnet50_config_builds_the_meta_model():
     logits = stamp(inputs, 0.3)
     assert [a.shape[-1] for a in logits] == net.groups.sizes
     ds = deepspeed_config(cfg, cfg.runtime.num_workers)
-    assert ds["train_batch_size"] == cfg.meta.meta_batch * cfg.runtime.num_workers
+    # meta.meta_batch is global: each worker accumulates its share of it.
+    assert ds["train_batch_size"] == cfg.meta.meta_batch == 32
+    assert ds["gradient_accumulation_steps"] * cfg.runtime.num_workers == cfg.meta.meta_batch
     assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 1
 
 
 def test_demo_ray_config_loads():
     cfg = load_config(ROOT / "configs" / "demo_ray.yaml")
     assert cfg.runtime.backend == "ray" and cfg.runtime.address is None and cfg.runtime.host == "127.0.0.1"
-    # Per-worker meta-batch x workers = the single-process demo's meta-batch.
-    assert cfg.meta.meta_batch * cfg.runtime.num_workers == load_config(ROOT / "configs" / "demo.yaml").meta.meta_batch
+    # The same global meta-batch as the local demo, split over the workers.
+    assert cfg.meta.meta_batch == load_config(ROOT / "configs" / "demo.yaml").meta.meta_batch
+    assert cfg.meta.meta_batch % cfg.runtime.num_workers == 0
+
+
+def test_meta_batch_not_divisible_by_the_workers_is_refused_naming_both():
+    """meta.meta_batch is global; a value the workers cannot split evenly is a config error, before Ray starts."""
+    from stamp_dist.distributed.engine import deepspeed_config
+    from stamp_dist.errors import StampError
+
+    with pytest.raises(StampError, match=r"meta.meta_batch=6 is not divisible by runtime.num_workers=4.*multiple of 4"):
+        deepspeed_config(load_config(None, ["meta.meta_batch=6", "runtime.num_workers=4"]), 4)
 
 
 def test_zero3_is_refused_with_a_reason():
-    from stamp_dist.dist.learner import deepspeed_config
+    from stamp_dist.distributed.engine import deepspeed_config
     from stamp_dist.errors import StampError
 
     with pytest.raises(StampError, match="zero_stage"):
@@ -100,7 +112,7 @@ def test_a_user_error_inside_a_worker_reaches_the_command_as_one():
     Ray Train's failure; the launcher finds it, so `stamp` prints an error line and exits 2."""
     from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
-    from stamp_dist.dist.launch import _user_error
+    from stamp_dist.distributed.launch import _user_error
     from stamp_dist.errors import StampError
 
     inner = StampError("meta-training diverged at step 3")

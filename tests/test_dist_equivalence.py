@@ -1,9 +1,11 @@
-"""The distributed meta-step computes the single-process meta-gradient.
+"""The DeepSpeed engine computes the local engine's meta-gradient on the same global meta-batch.
 
-Two DeepSpeed ranks over gloo (``torch.multiprocessing``, the same ``Learner`` the Ray Train workers
-run), each with half of a meta-batch, must end a step with the weights of one
-``MetaTrainer.meta_step`` on the union meta-batch: same masks (global episode indices), same
-scaling (mean over all episodes), clipping on the averaged gradient, same AdamW update.
+Two ranks over gloo (``torch.multiprocessing``), each running the one loop's ``MetaTrainer.meta_step``
+with the Ray backend's ``DeepSpeedEngine`` and ``TorchGroup`` (what the Ray Train workers run) on its
+half of a global meta-batch of 4, must end a step with the weights of the local backend's step on the
+whole meta-batch: same masks (global episode indices), same scaling (mean over all episodes),
+clipping on the averaged gradient, same AdamW update. (The same through Ray, end to end:
+``tests/test_one_loop.py``.)
 """
 
 import json
@@ -21,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from conftest import tiny_config
 
 WORLD, PER_RANK, STEPS = 2, 2, 2
+META_BATCH = WORLD * PER_RANK  # global
 CLIP = 0.005  # small enough that clipping binds, so its placement (after averaging) matters
 VARIANTS = {"zero0": ["runtime.zero_stage=0"], "zero2": ["runtime.zero_stage=2"],
             "bf16": ["runtime.precision=bf16", "runtime.zero_stage=1"]}
@@ -48,40 +51,61 @@ def load_episodes(path: Path) -> list:
             for i, (classes, budget) in enumerate(json.loads(path.with_suffix(".json").read_text()))]
 
 
+class GivenEpisodes:
+    """An episode source over a fixed list of global meta-batches (this rank's share of each)."""
+
+    def __init__(self, episodes: list, first: int):
+        self.episodes, self.first, self.count = episodes, first, PER_RANK
+
+    def take(self, step: int):
+        batch = self.episodes[step * META_BATCH:(step + 1) * META_BATCH]
+        return batch[self.first:self.first + self.count], 0.0
+
+    def state(self) -> list:
+        return []
+
+    def restore(self, states: list) -> None:
+        pass
+
+
 def _rank(rank: int, port: int, cfg_path: str, episodes_path: str, out: str) -> None:
     os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     from stamp_dist.config import load_config
-    from stamp_dist.dist.learner import Learner
+    from stamp_dist.distributed.engine import DeepSpeedEngine, TorchGroup
+    from stamp_dist.meta.backend import Backend
+    from stamp_dist.meta.local import RunDirectory
+    from stamp_dist.meta.trainer import MetaTrainer
 
     episodes = load_episodes(Path(episodes_path))
-    first = rank * PER_RANK  # this rank's global indices in the meta-batch
 
-    def step(learner: Learner, step: int) -> dict:
-        batch = episodes[step * WORLD * PER_RANK:(step + 1) * WORLD * PER_RANK]
-        return learner.mean_over_ranks(learner.meta_step(batch[first:first + PER_RANK], first))
+    def deepspeed_backend(cfg, model, classes):
+        return Backend(DeepSpeedEngine(model.trained, cfg), TorchGroup(torch.device("cpu")),
+                       GivenEpisodes(episodes, rank * PER_RANK), RunDirectory(cfg))
+
+    def step(trainer: MetaTrainer) -> dict:
+        return trainer.group.mean(trainer.meta_step(trainer.source.take(trainer.step)[0]))
 
     for name, overrides in VARIANTS.items():
-        cfg = load_config(cfg_path, overrides)
-        learner = Learner(cfg, torch.device("cpu"))
-        metrics = [step(learner, s) for s in range(STEPS)]
-        save_file(learner.weights()["stamp"], f"{out}/{name}_rank{rank}.safetensors")
+        cfg = load_config(cfg_path, [*overrides, f"meta.out={out}/{name}"])
+        trainer = MetaTrainer(cfg, deepspeed_backend, torch.device("cpu"))
+        metrics = [step(trainer) for _ in range(STEPS)]
+        save_file(trainer.model.weights()["stamp"], f"{out}/{name}_rank{rank}.safetensors")
         if rank == 0:
             with open(f"{out}/{name}_metrics.json", "w") as f:
                 json.dump(metrics, f)
         # Checkpoint (rank 0 writes safetensors + JSON), load into a fresh engine, take one more step on both.
-        learner.save(Path(out) / f"{name}_checkpoint", {"extra": name})
-        dist.barrier()
-        resumed = Learner(cfg, torch.device("cpu"))
-        extra = resumed.load(Path(out) / f"{name}_checkpoint")
-        assert extra == {"extra": name} and resumed.step == learner.step == STEPS
-        for which in (learner, resumed):
-            step(which, STEPS)
-            save_file({k: v.contiguous() for k, v in which.training_state().items()},
+        trainer._save(metrics[-1])
+        trainer.group.barrier()
+        resumed = MetaTrainer(cfg, deepspeed_backend, torch.device("cpu"))
+        assert resumed._resume() and resumed.step == trainer.step == STEPS
+        for which in (trainer, resumed):
+            step(which)
+            save_file({k: v.contiguous() for k, v in which.engine.training_state().items()},
                       f"{out}/{name}_{'resumed' if which is resumed else 'continued'}_rank{rank}.safetensors")
-    learner.close()
+    trainer.group.close()
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +114,13 @@ def runs(tiny_run, tmp_path_factory):
     from stamp_dist.meta.trainer import MetaTrainer
 
     tmp = tmp_path_factory.mktemp("equivalence")
-    cfg = tiny_config(tiny_run, f"meta.out={tmp}/meta", f"meta.meta_batch={PER_RANK}", f"meta.grad_clip={CLIP}")
+    cfg = tiny_config(tiny_run, f"meta.out={tmp}/meta", f"meta.meta_batch={META_BATCH}", f"meta.grad_clip={CLIP}")
     OmegaConf.save(cfg, tmp / "cfg.yaml")
     trainer = MetaTrainer(cfg)
-    episodes = [trainer.sampler.sample() for _ in range((STEPS + 1) * WORLD * PER_RANK)]  # +1: after the resume
+    episodes = [ep for step in range(STEPS + 1) for ep in trainer.source.take(step)[0]]  # +1: after the resume
     save_episodes(episodes, tmp / "episodes")
     initial = {k: v.detach().clone() for k, v in trainer.stamp.state_dict().items()}
-    reference = []
-    for step in range(STEPS):
-        reference.append(trainer.meta_step(episodes[step * WORLD * PER_RANK:(step + 1) * WORLD * PER_RANK]))
+    reference = [trainer.meta_step(episodes[step * META_BATCH:(step + 1) * META_BATCH]) for step in range(STEPS)]
     weights = {k: v.detach().clone() for k, v in trainer.stamp.state_dict().items()}
     mp.spawn(_rank, args=(_free_port(), str(tmp / "cfg.yaml"), str(tmp / "episodes"), str(tmp)), nprocs=WORLD)
     return tmp, initial, weights, reference
@@ -106,7 +128,7 @@ def runs(tiny_run, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["zero0", "zero2"])
-def test_two_ranks_equal_single_process_on_union_meta_batch(runs, variant):
+def test_two_deepspeed_ranks_equal_the_local_engine_on_the_same_global_meta_batch(runs, variant):
     tmp, _, reference_weights, reference_metrics = runs
     assert all(m["grad_norm"] > CLIP for m in reference_metrics)  # clipping was active
     ranks = [load_file(str(tmp / f"{variant}_rank{r}.safetensors")) for r in range(WORLD)]
@@ -142,7 +164,7 @@ def test_checkpoint_is_safetensors_and_resumes_exactly(runs, variant):
     from stamp_dist.checkpoint import FILES
 
     tmp = runs[0]
-    assert sorted(p.name for p in (tmp / f"{variant}_checkpoint").iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in (tmp / variant / "checkpoint").iterdir()) == sorted(FILES)
     for rank in range(WORLD):
         continued = load_file(str(tmp / f"{variant}_continued_rank{rank}.safetensors"))
         resumed = load_file(str(tmp / f"{variant}_resumed_rank{rank}.safetensors"))

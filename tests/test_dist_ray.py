@@ -1,6 +1,6 @@
 """Distributed meta-training on a real local Ray cluster: 2 sampler actors, 2 DeepSpeed workers (gloo).
 
-One Ray instance serves the test session (``ray_cluster``). ``faulty_run`` drives `stamp meta-train`
+One Ray instance serves the test session (``ray_cluster``, in conftest.py). ``faulty_run`` drives `stamp meta-train`
 with ``runtime.backend=ray`` three times on one run directory, as a user would, and the tests read
 what it left behind (each Ray Train start costs ~20 s, so the assertions share these runs):
 
@@ -30,22 +30,6 @@ from conftest import tiny_config
 from stamp_dist.errors import EXIT_STOPPED
 
 STEPS, CHECKPOINT_EVERY, VAL_EVERY = 60, 5, 20
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """The test session's one Ray instance (4 logical CPUs: 2 workers + 2 half-CPU samplers), on 127.0.0.1."""
-    import ray
-
-    from stamp_dist.config import RuntimeConfig
-    from stamp_dist.dist.launch import start_ray
-
-    # Ray Train's controller polls workers every 2 s and a worker's second report waits for that poll;
-    # with these toy steps (~0.1 s) checkpoints would wait on it. Ray's processes inherit the variable.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    start_ray(RuntimeConfig(host="127.0.0.1"), num_cpus=4)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 def ray_processes(actor_class: str) -> list[psutil.Process]:
@@ -396,27 +380,32 @@ def test_wandb_offline_run_holds_the_logged_keys(faulty_run):
 
 @pytest.mark.slow
 def test_sampler_actors_serve_worker_count_independent_episodes(ray_cluster, tiny_run):
+    """Two workers' halves of a meta-batch are the whole meta-batch one worker takes — tasks and images —
+    and both are what the local backend's in-process pools serve."""
     import ray
 
-    from stamp_dist.data.episodes import split_classes
-    from stamp_dist.dist.sampler import EpisodeStream, SamplerPool
+    from stamp_dist.data.episodes import ClassPools, EpisodeStream, MetaClasses
+    from stamp_dist.distributed.sampler import SamplerPool
 
     cfg = tiny_config(tiny_run, "runtime.sampler_actors=2", "runtime.sampler_cpus=0.5", "runtime.sampler_buffer=8")
     m = cfg.meta
-    classes, _ = split_classes(12, m.val_classes, m.seed)
+    classes = MetaClasses.of(cfg.data.reference, m).train
     pool = SamplerPool.start(cfg, classes, "unit")
     try:
         assert sorted(pool.owner) == classes and set(pool.owner.values()) == {0, 1}
-        whole, _ = EpisodeStream(pool, classes, m, 0, 4, 2, start_step=1).take(1)
-        halves = [EpisodeStream(pool, classes, m, first, 2, 2, start_step=1).take(1)[0] for first in (0, 2)]
-        assert [(e.classes, e.budget) for e in whole] == [(e.classes, e.budget) for h in halves for e in h]
+        halves = [EpisodeStream(pool, classes, m, first, 2, 2).take(1)[0] for first in (2, 0)]  # rank 1 first
+        whole, _ = EpisodeStream(ClassPools(cfg.data.reference, classes, m.seed, cfg.runtime), classes, m, 0, 4,
+                                 0).take(1)
+        assert [(e.classes, e.budget) for e in whole] == [(e.classes, e.budget) for h in halves[::-1] for e in h]
+        assert all(torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)
+                   for a, b in zip(whole, [e for h in halves[::-1] for e in h]))
         ep = whole[0]
         assert ep.support_x.dtype == torch.uint8 and ep.support_x.shape[0] == ep.n_way * m.k_shot
         assert ep.query_x.shape[0] == ep.n_way * m.q_query and ep.support_y.max() == ep.n_way - 1
 
         state = pool.state()
         ray.kill(pool.actors[0], no_restart=False)  # the actor restarts with empty buffers
-        again, _ = EpisodeStream(pool, classes, m, 0, 4, 0, start_step=2).take(2)
+        again, _ = EpisodeStream(pool, classes, m, 0, 4, 0).take(2)
         assert len(again) == 4 and all(e.support_x.dtype == torch.uint8 for e in again)
         pool.restore(state)
         assert pool.state() == state

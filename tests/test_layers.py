@@ -9,7 +9,7 @@ LAYERS = [  # lowest first; a module not named here is base
     {"data", "models"},
     {"pruning"},
     {"meta"},
-    {"dist", "pretrain", "training", "finetune", "downstream", "methods", "metatrain", "export"},
+    {"distributed", "pretrain", "training", "finetune", "downstream", "methods", "metatrain", "export"},
     {"bench", "verdict", "demo"},
     {"cli", "__init__"},
 ]

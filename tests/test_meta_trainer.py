@@ -109,6 +109,18 @@ def test_resume_with_another_generator_shape_is_refused(tiny_run, tmp_path):
         meta_train(tiny_config(tiny_run, f"meta.out={run}", "meta.steps=2", "meta.channel_stats=false"))
 
 
+def test_old_format_checkpoint_is_refused_naming_the_directory_and_the_fix(tiny_run, tmp_path):
+    """A local checkpoint of the format before both backends shared one (stamp/optimizer state dicts) is not
+    misloaded: the error names the directory and says to remove it or choose a new meta.out."""
+    from stamp_dist.checkpoint import save_state
+
+    run = tmp_path / "run"
+    save_state(run / "checkpoint", {"step": 2, "stamp": {"w": torch.zeros(2)}, "optimizer": {"state": {}},
+                                    "backbone": {}, "torch_rng": torch.zeros(4, dtype=torch.uint8)})
+    with pytest.raises(StampError, match=rf"{run / 'checkpoint'} was written by an older .*remove it.*meta.out"):
+        meta_train(tiny_config(tiny_run, f"meta.out={run}"))
+
+
 def test_store_keeps_last_k_and_best(tmp_path):
     store = GeneratorStore(tmp_path, keep=2)
 
@@ -196,7 +208,7 @@ def test_bf16_autocast_on_the_local_backend(tiny_run, tmp_path, monkeypatch):
         torch.manual_seed(0)
         trainer = MetaTrainer(tiny_config(tiny_run, f"meta.out={tmp_path / precision}", "runtime.device=cpu",
                                           f"runtime.precision={precision}"))
-        episodes = [trainer.sampler.sample() for _ in range(trainer.cfg.meta.meta_batch)]
+        episodes, _ = trainer.source.take(0)
         losses[precision] = trainer.meta_step(episodes)["loss"]
         assert all(p.dtype == torch.float32 for p in trainer.stamp.parameters())
     assert seen[0] is None and seen[-1] == torch.bfloat16

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import tiny_config
 from stamp_dist.errors import StampError
-from stamp_dist.meta import trainer as trainer_module
+from stamp_dist.meta import local as local_module
 from stamp_dist.meta.trainer import MetaTrainer
 from stamp_dist.metatrain import meta_train
 from stamp_dist.runlog import MetricsLog, run_lock
@@ -29,7 +29,7 @@ def test_metrics_hold_each_step_once_across_kills(tiny_run, tmp_path, monkeypatc
     line's write (torn line); each resume continues, and the log ends holding steps 1..6 once each."""
     run = tmp_path / "run"
     cfg = tiny_config(tiny_run, f"meta.out={run}", "meta.steps=6", "meta.checkpoint_every=2")
-    real_save, real_step = trainer_module.save_state, MetaTrainer.meta_step
+    real_save, real_step = local_module.save_state, MetaTrainer.meta_step
 
     def save_then_die(directory, state):
         real_save(directory, state)
@@ -37,7 +37,7 @@ def test_metrics_hold_each_step_once_across_kills(tiny_run, tmp_path, monkeypatc
             raise Killed
 
     with monkeypatch.context() as m:
-        m.setattr(trainer_module, "save_state", save_then_die)
+        m.setattr(local_module, "save_state", save_then_die)
         with pytest.raises(Killed):
             meta_train(cfg)
     assert _steps(run) == [1, 2]

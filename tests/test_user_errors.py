@@ -94,7 +94,8 @@ class Env:
                 f"data.reference={d}/data/reference", f"pretrain.out={d}/pretrain", f"meta.out={self.tmp}/meta",
                 "meta.steps=2", "meta.meta_batch=1", "meta.n_way_min=2", "meta.n_way_max=2", "meta.k_shot=2",
                 "meta.q_query=2", "meta.val_tasks=1", "meta.val_classes=3", "meta.encoder_dim=16",
-                "meta.encoder_heads=2", "meta.encoder_inducing=4", "meta.generator_hidden=16", *extra]
+                "meta.encoder_heads=2", "meta.encoder_inducing=4", "meta.generator_hidden=16",
+                "tracking.wandb_mode=disabled", *extra]
 
     def pretrain(self, *extra) -> list[str]:
         return ["pretrain", "runtime.device=cpu", "pretrain.epochs=1", f"data.reference={self.run}/data/reference",

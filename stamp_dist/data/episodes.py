@@ -1,15 +1,23 @@
 """Episode (task) sampling from per-class shards.
 
 A task is N classes drawn from a pool of class ids, with K support and Q query images per class
-and a MACs budget ``b``. ``ClassPool`` is the per-class bounded image buffer that the single-process
-trainer uses directly and that the distributed sampler actors wrap: it reads a class's shards only
-when the class is first asked for, keeps at most ``buffer_size`` images per class, and reloads a
+and a MACs budget ``b``. ``ClassPool`` is the per-class bounded image buffer: it reads a class's shards
+only when the class is first asked for, keeps at most ``buffer_size`` images per class, and reloads a
 fresh random subset once a class has served its buffer ``reuse`` times over.
+
+Meta-training's task stream is the same on every backend and world size: episode ``i`` of meta-step
+``s`` (``i`` its index in the GLOBAL meta-batch) is ``sample_task(task_rng(seed, s, i), …)``, and its
+images come from the pool that owns each class (``PoolPlan``: ``runtime.sampler_actors`` pools, class
+``c`` in pool ``k`` when ``c`` is in ``classes[k::n]``, pool ``k`` seeded from ``(seed, k)``), drawn
+with an RNG keyed by ``(s, i)``. ``EpisodeStream`` assembles a rank's episodes from such pools:
+in-process ``ClassPools`` on the local backend, Ray sampler actors (one pool each) on Ray.
 """
 
 from __future__ import annotations
 
 import re
+import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +25,7 @@ import numpy as np
 import torch
 
 from ..atomic import read_json
-from ..config import MetaConfig
+from ..config import MetaConfig, RuntimeConfig
 from ..errors import StampError
 from .manifest import Manifest
 from .readers import iter_class
@@ -80,8 +88,10 @@ class ClassPool:
         images = list(iter_class(self.root, self.manifest, self.split, label, chosen))
         return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
-    def get(self, label: int, n: int) -> torch.Tensor:
-        """``n`` distinct images of class ``label`` (uint8 ``[n, 3, H, W]``), drawn at random."""
+    def get(self, label: int, n: int, key: tuple[int, ...] | None = None) -> torch.Tensor:
+        """``n`` distinct images of class ``label`` (uint8 ``[n, 3, H, W]``), drawn at random: with ``key``
+        by an RNG keyed by it (and the class and fill), so the draw does not depend on the order in which
+        requests arrive (several workers share a sampler actor); without, from the pool's own RNG."""
         count = self.manifest.split(self.split).counts[label]
         if n > count:
             raise StampError(
@@ -96,7 +106,8 @@ class ClassPool:
             buf = self._buffers[label] = self._load(label, self._fills[label])
             self._served[label] = 0
         self._served[label] += n
-        idx = torch.from_numpy(self.rng.choice(len(buf), size=n, replace=False))
+        rng = self.rng if key is None else np.random.default_rng([self.seed, label, self._fills[label], *key])
+        idx = torch.from_numpy(rng.choice(len(buf), size=n, replace=False))
         return buf[idx]
 
     def state(self) -> dict:
@@ -198,3 +209,131 @@ class EpisodeSampler:
         task = sample_task(self.rng, self.classes, self.cfg, self.families)
         images = [self.pool.get(c, self.cfg.k_shot + self.cfg.q_query) for c in task.classes]
         return build_episode(images, task, self.cfg.k_shot)
+
+
+_TASK_STREAM = 1  # separates the task RNG from the mask RNG (``episode_rng``) seeded from the same triple
+
+
+def task_rng(seed: int, step: int, index: int) -> np.random.Generator:
+    """The RNG that picks the classes, budget and transforms of episode ``index`` (global) of meta-step ``step``."""
+    return np.random.default_rng([seed, step, index, _TASK_STREAM])
+
+
+@dataclass(frozen=True)
+class MetaClasses:
+    """The reference classes of a meta-training run: meta-train and held-out validation ids, and the
+    families of related meta-train classes (``task_families``)."""
+
+    train: list[int]
+    val: list[int]
+    families: list[list[int]]
+
+    @classmethod
+    def of(cls, reference: str | Path, m: MetaConfig) -> "MetaClasses":
+        manifest = Manifest.load(reference)
+        train, val = split_classes(manifest.num_classes, m.val_classes, m.seed)
+        return cls(train, val, task_families(m.task_families, manifest, train, m.n_way_min))
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """How the meta-training classes are split over image pools — the Ray sampler actors, or the local
+    backend's in-process pools, built from the same plan so that both serve the same images."""
+
+    shares: list[list[int]]  # pool k owns classes[k::n]
+
+    @classmethod
+    def of(cls, classes: list[int], pools: int) -> "PoolPlan":
+        n = max(1, min(pools, len(classes)))
+        return cls([list(classes[k::n]) for k in range(n)])
+
+    @property
+    def owner(self) -> dict[int, int]:
+        return {c: k for k, share in enumerate(self.shares) for c in share}
+
+    def pool(self, root: str | Path, k: int, seed: int, r: RuntimeConfig, entropy: tuple[int, ...] = ()) -> ClassPool:
+        """Pool ``k`` (``entropy``: a restarted sampler actor's, so it does not replay its predecessor's buffers)."""
+        return ClassPool(root, "train", buffer_size=r.sampler_buffer, reuse=r.sampler_reuse,
+                         seed=int(np.random.SeedSequence([seed, k, *entropy]).generate_state(1)[0]))
+
+
+class ClassPools:
+    """The local backend's image pools: ``PoolPlan``'s pools in this process (what the sampler actors hold on Ray)."""
+
+    def __init__(self, root: str | Path, classes: list[int], seed: int, r: RuntimeConfig):
+        plan = PoolPlan.of(classes, r.sampler_actors)
+        self.pools, self.owner = [plan.pool(root, k, seed, r) for k in range(len(plan.shares))], plan.owner
+
+    def request(self, label: int, n: int, key: tuple[int, ...]) -> torch.Tensor:
+        return self.pools[self.owner[label]].get(label, n, key)
+
+    @staticmethod
+    def fetch(images: list[torch.Tensor]) -> list[torch.Tensor]:
+        return images
+
+    def state(self) -> list[dict]:
+        """The pools' image-draw states (saved in training checkpoints, as the sampler actors' are)."""
+        return [p.state() for p in self.pools]
+
+    def restore(self, states: list[dict]) -> None:
+        if len(states) == len(self.pools):  # a run resumed with another pool count starts fresh streams
+            for pool, state in zip(self.pools, states):
+                pool.set_state(state)
+
+
+@dataclass
+class _Request:
+    step: int
+    task: Task
+    images: list  # what the pools' ``request`` returned, one per class: tensors, or Ray object refs
+
+
+class EpisodeStream:
+    """One rank's share of every meta-batch — global episode indices ``first … first+count-1`` — from
+    ``pools`` (``request(label, n, key)`` → a handle, ``fetch(handles)`` → image tensors), requested
+    ``prefetch`` episodes ahead of the one being trained on. Without prefetch nothing is drawn before its
+    step, so the pools' state in a checkpoint is exactly that of the step (the local backend resumes
+    bit-exactly); with it, a checkpoint's pool state is a little ahead."""
+
+    def __init__(self, pools, classes: list[int], cfg: MetaConfig, first: int, count: int, prefetch: int,
+                 families: list[list[int]] = ()):
+        self.pools, self.classes, self.cfg, self.families = pools, list(classes), cfg, list(families)
+        self.first, self.count, self.depth = first, count, count + max(0, prefetch)
+        self._next: int | None = None  # position of the next episode to request, over this rank's share
+        self._pending: deque[_Request] = deque()
+
+    def _request(self, position: int) -> _Request:
+        m = self.cfg
+        step, index = divmod(position, self.count)
+        index += self.first
+        task = sample_task(task_rng(m.seed, step, index), self.classes, m, self.families)
+        return _Request(step, task, [self.pools.request(c, m.k_shot + m.q_query, (step, index)) for c in task.classes])
+
+    def _top_up(self) -> None:
+        end = self.cfg.steps * self.count
+        while len(self._pending) < self.depth and self._next < end:
+            self._pending.append(self._request(self._next))
+            self._next += 1
+
+    def take(self, step: int) -> tuple[list[Episode], float]:
+        """This rank's episodes of meta-step ``step`` (in global-index order) and the seconds spent waiting
+        for them; the first call sets where the stream starts (a resumed run's step)."""
+        t = time.perf_counter()
+        if self._next is None:
+            self._next = step * self.count
+        self._top_up()
+        episodes = []
+        for _ in range(self.count):
+            req = self._pending.popleft()
+            if req.step != step:
+                raise RuntimeError(f"episode stream is at meta-step {req.step}, asked for {step}")
+            episodes.append(build_episode(self.pools.fetch(req.images), req.task, self.cfg.k_shot))
+        if self.depth > self.count:  # keep the prefetch going while this step trains
+            self._top_up()
+        return episodes, time.perf_counter() - t
+
+    def state(self) -> list[dict]:
+        return self.pools.state()
+
+    def restore(self, states: list[dict]) -> None:
+        self.pools.restore(states)

@@ -1,41 +1,55 @@
-"""Single-process episodic meta-trainer: the plain loop that the distributed path reproduces.
+"""The meta-training loop, once for every backend and world size (a local run is world size 1).
 
-for step: sample a meta-batch of tasks → mean episode loss → backward → clip → AdamW step;
-every ``val_every`` steps: hard-mask meta-validation on held-out reference classes, publish a
-generator version; every ``checkpoint_every`` steps: save resumable state.
+for step: this rank's episodes of the step (global indices first … first+count-1 of a GLOBAL
+meta-batch of ``meta.meta_batch``) → per episode, the outer loss → ``engine.backward`` (the mean over
+the global meta-batch) → ``engine.step`` (clip, AdamW); rank 0 ("chief"): every ``val_every`` steps
+hard-mask meta-validation on held-out reference classes, a keep-ratio plot and a published generator
+version; every step wandb (``Tracker``) and ``metrics.jsonl``; ``events.jsonl`` and ``summary.json``
+per start. Every ``checkpoint_every`` steps, at the last step and on a stop request, the checkpoint
+(``backend.py``: one format on both backends). What differs between backends is plugged in
+(``Backend``): ``local.py`` here, ``stamp_dist/distributed/`` for Ray + DeepSpeed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn as nn
 
-from ..checkpoint import load_state, save_state
+from ..atomic import write_json
 from ..config import MetaConfig, StampConfig, to_dict
-from ..data.episodes import ClassPool, Episode, EpisodeSampler, split_classes, task_families
-from ..data.manifest import Manifest
+from ..data.episodes import ClassPool, Episode, EpisodeSampler, MetaClasses
 from ..devices import autocast, pick_device
 from ..errors import StampError, Stopped
 from ..progress import progress
 from ..pruning.prunable import PrunableBackbone
 from ..runlog import MetricsLog
-from ..signals import StopRequest, stop_requests
+from ..signals import stop_requests
+from ..tracking import Tracker
 from .artifact import GeneratorStore, save_generator
-from .objective import EpisodeOutput, Stamp, StampSettings, check_finite, episode_loss, episode_rng, validate_episode
+from .backend import Backend, state_names
+from .local import local_backend
+from .objective import (EpisodeOutput, Stamp, StampSettings, check_finite, episode_loss, episode_rng, hard_masks,
+                        validate_episode)
 
 
 @dataclass
 class MetaModel:
-    """What every meta-training process builds from the config (the single-process trainer, and each
-    distributed worker): the pretrained backbone with its channel groups and MACs model, and the STAMP
-    module (seeded from ``meta.seed``, so every process starts from the same weights)."""
+    """What every meta-training process builds from the config (each rank, and the Ray aggregator): the
+    pretrained backbone with its channel groups and MACs model, and the STAMP module (seeded from
+    ``meta.seed``, so every process starts from the same weights)."""
 
     net: PrunableBackbone
     stamp: Stamp
+    learn_backbone: bool
 
     @classmethod
     def build(cls, cfg: StampConfig, device: torch.device) -> "MetaModel":
@@ -43,12 +57,30 @@ class MetaModel:
         torch.manual_seed(m.seed)  # before the backbone is built: its initialisation draws from the same RNG
         net = PrunableBackbone.load(cfg.pretrain.out, device, trainable=m.learn_backbone,
                                     micro_batch=cfg.runtime.micro_batch)
-        return cls(net, Stamp(net.backbone.feature_dim, net.groups.sizes, StampSettings.of(m)).to(device))
+        stamp = Stamp(net.backbone.feature_dim, net.groups.sizes, StampSettings.of(m)).to(device)
+        return cls(net, stamp, m.learn_backbone)
 
-    def trainable(self, learn_backbone: bool) -> list[torch.nn.Parameter]:
-        """The meta-learned parameters, in optimizer order: φ, ψ (and θ with ``meta.learn_backbone``)."""
-        params = list(self.stamp.parameters()) + (list(self.net.backbone.parameters()) if learn_backbone else [])
-        return [p for p in params if p.requires_grad]
+    @cached_property
+    def trained(self) -> nn.ModuleDict:
+        """The meta-learned modules, named as in checkpoints: φ, ψ (and θ with ``meta.learn_backbone``)."""
+        return nn.ModuleDict({"stamp": self.stamp} | ({"backbone": self.net.backbone} if self.learn_backbone else {}))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.stamp.parameters()).device
+
+    def weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """fp32 CPU copies of the meta-learned weights (what the Ray aggregator publishes)."""
+        return {name: {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+                for name, module in self.trained.items()}
+
+    def weights_hash(self) -> str:
+        """A hash of the meta-learned weights (identical ranks ⇔ identical hashes)."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.trained.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def validate(self, episodes: list[Episode]) -> dict[str, float]:
         """Hard-mask meta-validation: query accuracy and achieved MACs ratio at each task's budget."""
@@ -58,6 +90,16 @@ class MetaModel:
         budgets = np.array([ep.budget for ep in episodes])
         return {"val_acc": float(acc.mean()), "val_ratio_error": float(np.abs(ratio - budgets).max()),
                 "val_macs_ratio": float(ratio.mean())}
+
+    @torch.no_grad()
+    def keep_ratios(self, episodes: list[Episode]) -> list[float]:
+        """Per channel group, the fraction of channels the hard mask keeps, averaged over ``episodes``."""
+        net, stamp = self.net, self.stamp
+        per_task = []
+        for ep in episodes:
+            inputs = stamp.read(net, net.norm(ep.support_x.to(self.device)), ep.n_way)
+            per_task.append([float(k.float().mean()) for k in hard_masks(stamp, net.cost, inputs, ep.budget)])
+        return np.mean(per_task, axis=0).tolist()
 
     def publish(self, store: GeneratorStore, step: int, meta_cfg: MetaConfig, metrics: dict) -> Path:
         """Write the current generator as a new version of ``store`` (scored by ``val_acc``)."""
@@ -81,131 +123,202 @@ def summarize(outs: list[EpisodeOutput], episodes: list[Episode]) -> dict[str, f
             "budget": float(np.mean([e.budget for e in episodes]))}
 
 
+class Chief:
+    """Rank 0's duties: meta-validation, keep-ratio plots, publishing, tracking, progress and run logs."""
+
+    def __init__(self, trainer: "MetaTrainer", val_classes: list[int]):
+        self.trainer, cfg = trainer, trainer.cfg
+        self.out = Path(cfg.meta.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.val_episodes = validation_episodes(cfg, val_classes)
+        self.tracker = Tracker(cfg, self.out)
+        self.log = MetricsLog(self.out / "metrics.jsonl")
+        self.log.resume_from(trainer.step)  # drop the steps after the checkpoint this start resumes from
+        self._publishing: tuple[Callable[[], Path], int, dict] | None = None  # the version being written
+        # On Ray a worker's output reaches the driver's log, never a terminal: periodic lines there.
+        self.bar = progress(total=cfg.meta.steps, initial=trainer.step, desc="meta-train", unit="step")
+
+    def after_step(self, step: int, metrics: dict, validate: bool, checkpoint: bool, started: float) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(step_postfix(metrics), refresh=False)
+        if validate:
+            trainer, model = self.trainer, self.trainer.model
+            with trainer.autocast():
+                metrics = metrics | model.validate(self.val_episodes)
+                ratios = model.keep_ratios(self.val_episodes)
+            self.tracker.keep_ratio_plot([g.name for g in model.net.groups], ratios,
+                                         float(np.mean([ep.budget for ep in self.val_episodes])), step)
+            self._collect()
+            # On Ray the aggregator writes while training goes on; collected at the next publish.
+            self._publishing = (trainer.store.publish(step, model, metrics), step, metrics)
+            self.bar.write(validation_line(step, metrics))
+        metrics["seconds"] = time.perf_counter() - started  # the step's wall time (bench reports the sum)
+        self.tracker.log(metrics, step)
+        self.log.append(step, metrics, durable=checkpoint)  # before the checkpoint: runlog.py
+
+    def _collect(self) -> None:
+        """Wait for the version being written, then log it as an artifact."""
+        if self._publishing is not None:
+            wait, step, metrics = self._publishing
+            self.tracker.log_generator(wait(), step, metrics)
+            self._publishing = None
+
+    def event(self, kind: str, **fields) -> None:
+        with open(self.out / "events.jsonl", "a") as f:
+            f.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
+
+    def close(self, summary: dict | None) -> None:
+        """``summary`` None: the run failed (nothing more is written, the wandb run is closed)."""
+        self.bar.close()
+        if summary is not None:
+            self._collect()
+            write_json(self.out / "summary.json", summary)
+            self.event("finish", **{k: summary[k] for k in ("step", "stopped")})
+        self.tracker.finish(summary)
+
+
+# A backend: parts built for this process from the config, the meta-model and the run's classes.
+BackendFactory = Callable[[StampConfig, MetaModel, MetaClasses], Backend]
+
+
 class MetaTrainer:
-    def __init__(self, cfg: StampConfig):
-        self.cfg, m = cfg, cfg.meta
-        self.out = Path(m.out)
-        self.device = pick_device(cfg.runtime.device)
+    """One process's meta-training, with ``backend``'s parts (the local backend's by default); ``run`` is
+    the local command, ``train`` the loop every rank runs."""
+
+    def __init__(self, cfg: StampConfig, backend: BackendFactory = local_backend, device: torch.device | None = None):
+        self.cfg = cfg
+        self.device = device or pick_device(cfg.runtime.device)
         self.model = MetaModel.build(cfg, self.device)
         self.net, self.stamp = self.model.net, self.model.stamp
-        self.optimizer = torch.optim.AdamW(self.model.trainable(m.learn_backbone), lr=m.lr,
-                                           weight_decay=m.weight_decay)
-
-        manifest = Manifest.load(cfg.data.reference)
-        train_classes, self.val_classes = split_classes(manifest.num_classes, m.val_classes, m.seed)
-        pool = ClassPool(cfg.data.reference, "train", cfg.runtime.sampler_buffer, cfg.runtime.sampler_reuse, m.seed,
-                         manifest)
-        families = task_families(m.task_families, manifest, train_classes, m.n_way_min)
-        self.sampler = EpisodeSampler(pool, train_classes, m, m.seed, families)
-        self.store = GeneratorStore(self.out, keep=m.keep_last)
+        self.classes = MetaClasses.of(cfg.data.reference, cfg.meta)
+        parts = backend(cfg, self.model, self.classes)
+        self.engine, self.group, self.source, self.store = parts.engine, parts.group, parts.source, parts.store
         self.step = 0
-        self._val_episodes: list[Episode] | None = None
 
-    # --- one meta-step --------------------------------------------------------------------
+    def autocast(self):
+        return autocast(self.device, self.cfg.runtime.precision)
 
     def meta_step(self, episodes: list[Episode]) -> dict[str, float]:
-        """Average the outer loss over a meta-batch and take one optimizer step."""
+        """One optimizer step from this rank's episodes of the step (the first has global index
+        ``source.first``); returns this rank's means (the loop averages them over ranks)."""
+        m = self.cfg.meta
         self.stamp.train()
-        self.optimizer.zero_grad(set_to_none=True)
         outs = []
-        for i, ep in enumerate(episodes):
-            rng = episode_rng(self.cfg.meta.seed, self.step, i, self.device)
-            with autocast(self.device, self.cfg.runtime.precision):
+        for j, ep in enumerate(episodes):
+            rng = episode_rng(m.seed, self.step, self.source.first + j, self.device)
+            with self.autocast():
                 out = episode_loss(self.net, self.stamp, ep, rng)
             check_finite(out, self.step)
-            (out.loss / len(episodes)).backward()
+            self.engine.backward(out.loss)
             outs.append(out)
-        # Clip what the optimizer trains (the backbone too with meta.learn_backbone), as DeepSpeed does.
-        trained = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained, self.cfg.meta.grad_clip)
-        self.optimizer.step()
+        grad_norm = self.engine.step()
         self.step += 1
-        return summarize(outs, episodes) | {"grad_norm": float(grad_norm)}
+        return summarize(outs, episodes) | {"grad_norm": grad_norm}
 
-    # --- meta-validation ------------------------------------------------------------------
+    # --- checkpoints -----------------------------------------------------------------------
 
-    def val_episodes(self) -> list[Episode]:
-        if self._val_episodes is None:
-            self._val_episodes = validation_episodes(self.cfg, self.val_classes)
-        return self._val_episodes
-
-    def validate(self) -> dict[str, float]:
-        with autocast(self.device, self.cfg.runtime.precision):
-            return self.model.validate(self.val_episodes())
-
-    # --- state ------------------------------------------------------------------------------
-
-    def state(self) -> dict:
-        return {"step": self.step, "stamp": self.stamp.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "backbone": self.net.backbone.state_dict() if self.cfg.meta.learn_backbone else {},
-                "torch_rng": torch.get_rng_state(),
-                "sampler_rng": self.sampler.rng.bit_generator.state, "pool": self.sampler.pool.state()}
-
-    def load(self, state: dict) -> None:
-        self.step = state["step"]
+    def _resume(self) -> bool:
+        state = self.store.latest()
+        if state is None:
+            return False
+        fix = "resume with the config it was started with, or choose a new meta.out"
+        where = f"the checkpoint in {self.cfg.meta.out} holds a meta-model of another shape than meta.* in this config"
+        differ = sorted(set(state["params"]) ^ state_names(self.model.trained))
+        if differ:
+            raise StampError(f"{where} describes ({len(differ)} tensors differ, e.g. {differ[0]}); {fix}")
         try:
-            self.stamp.load_state_dict(state["stamp"])
+            self.engine.load_training_state(state["params"], state["adam_steps"])
         except RuntimeError as e:
-            raise StampError(f"the checkpoint in {self.out} holds a generator of another shape than meta.* in this "
-                             f"config describes ({str(e).splitlines()[1].strip()}); resume with the config it was "
-                             "started with, or choose a new meta.out") from None
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state["backbone"]:
-            self.net.backbone.load_state_dict(state["backbone"])
-        torch.set_rng_state(state["torch_rng"])
-        self.sampler.rng.bit_generator.state = state["sampler_rng"]
-        # Checkpoints written before the pool state existed hold its draw RNG only (buffers start afresh).
-        self.sampler.pool.set_state(state.get("pool") or {"rng": state["pool_rng"], "fills": []})
+            raise StampError(f"{where} describes ({str(e).splitlines()[0]}); {fix}") from None
+        self.step = state["step"]
+        if self.group.rank == 0:
+            self.source.restore(state["samplers"])  # on Ray the sampler actors are shared: rank 0 restores them
+            print(f"meta-train: resuming {self.cfg.meta.out} from step {self.step}", flush=True)
+        self.group.barrier()  # the pools are restored before any rank draws images
+        return True
 
-    def publish(self, metrics: dict) -> Path:
-        return self.model.publish(self.store, self.step, self.cfg.meta, metrics)
+    def _save(self, metrics: dict) -> None:
+        tensors = self.engine.training_state()  # collective (gathers ZeRO partitions)
+        state = None
+        if self.group.rank == 0:
+            state = {"step": self.step, "adam_steps": self.engine.adam_steps(), "params": tensors,
+                     "samplers": self.source.state()}
+        self.store.save(state, self.step, metrics)
 
-    # --- the loop ---------------------------------------------------------------------------
+    # --- the loop ----------------------------------------------------------------------------
+
+    def train(self, stop_requested: Callable[[], bool]) -> dict:
+        """Train (or resume) to ``meta.steps``, or until ``stop_requested()`` (asked on rank 0 after every
+        step) holds; returns the run summary (rank 0 also writes it to ``summary.json``)."""
+        group = self.group
+        resumed = self._resume()
+        chief = Chief(self, self.classes.val) if group.rank == 0 else None
+        if chief:
+            chief.event("start", step=self.step, resumed=resumed, world_size=group.world)
+        summary = None
+        try:
+            summary = self._loop(chief, stop_requested)
+        finally:
+            if chief:
+                chief.close(summary)
+        group.close()
+        return summary
+
+    def _loop(self, chief: Chief | None, stop_requested: Callable[[], bool]) -> dict:
+        m, group = self.cfg.meta, self.group
+        # Throughput totals leave out the first step after a (re)start: it includes buffer fills and warm-up.
+        wait_total = seconds_total = 0.0
+        steady_steps, warmed_up, stopped = 0, False, False
+        while self.step < m.steps and not stopped:
+            t0 = time.perf_counter()
+            episodes, wait = self.source.take(self.step)
+            metrics = self.meta_step(episodes)
+            seconds = time.perf_counter() - t0
+            if warmed_up:
+                wait_total, seconds_total, steady_steps = wait_total + wait, seconds_total + seconds, steady_steps + 1
+            warmed_up = True
+            metrics |= {"data_wait_fraction": wait / seconds, "episodes_per_s": m.meta_batch / seconds}
+            metrics = group.mean(metrics)
+            stopped = group.any(group.rank == 0 and stop_requested())
+            last = self.step == m.steps
+            checkpoint = last or stopped or self.step % m.checkpoint_every == 0
+            if chief:
+                chief.after_step(self.step, metrics, validate=last or self.step % m.val_every == 0,
+                                 checkpoint=checkpoint, started=t0)
+            if checkpoint:
+                self._save(metrics)
+        fingerprints = group.gather(self.model.weights_hash())
+        steady = group.mean({"wait": wait_total, "seconds": seconds_total, "steps": steady_steps})
+        return {
+            "step": self.step, "stopped": stopped and self.step < m.steps, "world_size": group.world,
+            "rank_fingerprints": fingerprints, "ranks_identical": len(set(fingerprints)) == 1,
+            "steady_steps": int(steady["steps"]),
+            "data_wait_fraction": steady["wait"] / steady["seconds"] if steady["steps"] else None,
+            "episodes_per_s": steady["steps"] * m.meta_batch / steady["seconds"] if steady["steps"] else None,
+        }
 
     def run(self) -> Path:
-        """Train (or resume) to ``meta.steps``; raises ``Stopped`` after checkpointing on a stop request."""
-        m = self.cfg.meta
-        state = load_state(self.out / "checkpoint", self.device)
-        if state is not None:
-            self.load(state)
-            print(f"meta-train: resuming {self.out} from step {self.step}")
-        self.out.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(self.out / "metrics.jsonl")
-        log.resume_from(self.step)
-        with progress(total=m.steps, initial=self.step, desc="meta-train", unit="step") as bar, \
-                stop_requests() as stop:
-            self._loop(bar, log, stop)
-        if self.step < m.steps:
-            raise Stopped(f"meta-train: stopped at step {self.step} of {m.steps} with a checkpoint; run the same "
-                          "command to resume")
-        return self.store.root
+        """The local backend's command: train in this process, stopping (after a checkpoint) on SIGTERM,
+        SIGUSR1 or Ctrl-C; raises ``Stopped`` then. Returns the run's generator store."""
+        with stop_requests() as stop:
+            summary = self.train(stop.is_set)
+        return finished(summary, self.cfg.meta)
 
-    def _loop(self, bar, log: MetricsLog, stop: StopRequest) -> None:
-        m = self.cfg.meta
-        t0, wait = time.perf_counter(), 0.0
-        while self.step < m.steps:
-            t = time.perf_counter()
-            episodes = [self.sampler.sample() for _ in range(m.meta_batch)]
-            wait += time.perf_counter() - t
-            metrics = self.meta_step(episodes)
-            bar.update(1)
-            bar.set_postfix(step_postfix(metrics), refresh=False)
-            if self.step % m.val_every == 0 or self.step == m.steps:
-                metrics |= self.validate()
-                metrics["data_wait_fraction"] = wait / (time.perf_counter() - t0)
-                self.publish(metrics)
-                bar.write(validation_line(self.step, metrics))
-            checkpoint = self.step % m.checkpoint_every == 0 or self.step == m.steps or stop.is_set()
-            metrics["seconds"] = time.perf_counter() - t  # the step's wall time (bench reports the sum)
-            log.append(self.step, metrics, durable=checkpoint)  # before the checkpoint: runlog.py
-            if checkpoint:
-                save_state(self.out / "checkpoint", self.state())
-            if stop.is_set():
-                return
+
+def finished(summary: dict, m: MetaConfig) -> Path:
+    """After a run (either backend): its throughput line; ``Stopped`` if a stop request ended it early;
+    else the run's generator store."""
+    if summary["episodes_per_s"] is not None:
+        print(f"meta-train: step {summary['step']} on {summary['world_size']} worker(s): "
+              f"{summary['episodes_per_s']:.1f} episodes/s, data wait {summary['data_wait_fraction']:.1%} of step time")
+    if summary["stopped"]:
+        raise Stopped(f"meta-train: stopped at step {summary['step']} of {m.steps} with a checkpoint; run the same "
+                      "command to resume")
+    return GeneratorStore(m.out).root
 
 
 def step_postfix(metrics: dict) -> dict[str, str]:
-    """What the progress bar shows of a meta-step (both backends)."""
+    """What the progress bar shows of a meta-step."""
     return {"loss": f"{metrics['loss']:.3f}", "acc": f"{metrics['query_acc']:.2f}",
             "ratio": f"{metrics['expected_ratio']:.2f}/{metrics['budget']:.2f}"}
 

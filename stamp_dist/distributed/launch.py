@@ -24,13 +24,13 @@ import uuid
 from pathlib import Path
 
 from ..atomic import read_json
+from ..checkpoint import check_checkpoint_dir
 from ..config import RuntimeConfig, StampConfig, from_dict, to_dict
-from ..data.episodes import split_classes, task_families
-from ..data.manifest import Manifest
-from ..errors import StampError, Stopped
-from ..meta.artifact import GeneratorStore
+from ..data.episodes import MetaClasses
+from ..errors import StampError
+from ..meta.trainer import finished
 from ..signals import install, stop_requests
-from .learner import check_checkpoint_dir, deepspeed_config
+from .engine import deepspeed_config
 from .worker import STOP_FILE
 
 LOOPBACK = ("127.0.0.1", "localhost")
@@ -72,6 +72,10 @@ def start_ray(runtime: RuntimeConfig, num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    # Ray's processes inherit this environment. A wandb-core service this process started (a local run
+    # before, in the same process) must not become theirs: a killed worker's run would stay "in use"
+    # there, and the restarted worker could not resume it.
+    os.environ.pop("WANDB_SERVICE", None)
     if not sys.stdout.isatty():  # this process prints the workers' output: no colour codes in a log file
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     runtime_env = {"env_vars": worker_env(runtime)}
@@ -134,14 +138,7 @@ def meta_train_ray(cfg: StampConfig) -> Path:
     with stop_requests(request) as stop:
         _fit(cfg, lambda: install(stop, request))
     (out / STOP_FILE).unlink(missing_ok=True)
-    summary = read_json(out / "summary.json", "run summary")
-    if summary["episodes_per_s"] is not None:
-        print(f"meta-train: step {summary['step']} on {summary['world_size']} workers: "
-              f"{summary['episodes_per_s']:.1f} episodes/s, data wait {summary['data_wait_fraction']:.1%} of step time")
-    if summary["stopped"]:
-        raise Stopped(f"meta-train: stopped at step {summary['step']} of {m.steps} with a checkpoint; run the same "
-                      "command to resume")
-    return GeneratorStore(out).root
+    return finished(read_json(out / "summary.json", "run summary"), m)
 
 
 def _user_error(e: BaseException, seen: set[int] | None = None) -> StampError | None:
@@ -189,9 +186,7 @@ def _fit(cfg: StampConfig, take_signals) -> None:
     from .worker import train_loop
 
     m, r = cfg.meta, cfg.runtime
-    manifest = Manifest.load(cfg.data.reference)
-    train_classes, val_classes = split_classes(manifest.num_classes, m.val_classes, m.seed)
-    families = task_families(m.task_families, manifest, train_classes, m.n_way_min)
+    train_classes = MetaClasses.of(cfg.data.reference, m).train
     started = start_ray(r, local_cpus(r))
     take_signals()
     _warn_if_short(r, min(r.sampler_actors, len(train_classes)))
@@ -203,8 +198,7 @@ def _fit(cfg: StampConfig, take_signals) -> None:
     torch_config = (LoopbackTorchConfig if is_local(r) else TorchConfig)(backend="nccl" if r.use_gpu else "gloo")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": to_dict(cfg), "samplers": samplers, "aggregator": aggregator,
-                           "train_classes": train_classes, "families": families, "val_classes": val_classes},
+        train_loop_config={"cfg": to_dict(cfg), "samplers": samplers, "aggregator": aggregator},
         torch_config=torch_config,
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_worker} | ({"GPU": 1} if r.use_gpu else {})),
