@@ -49,6 +49,15 @@ def write_imagefolder(root: Path, classes: int, per_class: int, seed: int = 0) -
     return total
 
 
+def bytes_read() -> int:
+    """Bytes this process has read through read() calls so far (Linux ``/proc/self/io`` rchar, page cache
+    hits included: what the reader asks the file system for, whether or not the disk is touched)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("no rchar in /proc/self/io")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--classes", type=int, default=100)
@@ -80,15 +89,18 @@ def main() -> None:
         try:
             pool = ClassPool(tmp / "shards", "train", args.buffer, args.reuse, seed=0)
             sampler = EpisodeSampler(pool, list(range(args.classes)), m, seed=0)
-            t = time.perf_counter()
+            t, read0 = time.perf_counter(), bytes_read()
             delivered = sum(len(ep.support_x) + len(ep.query_x) for ep in (sampler.sample() for _ in range(args.episodes)))
-            seconds = time.perf_counter() - t
+            seconds, read = time.perf_counter() - t, bytes_read() - read0
         finally:
             readers.decode_image = real
+        on_disk = sum(f.stat().st_size for f in (tmp / "shards").rglob("*") if f.is_file())
+    print(f"shards on disk: {on_disk / 2**20:.0f} MiB ({on_disk / size:.2f}x the source JPEGs' {size / 2**20:.0f} MiB)")
     print(f"one sampler ({args.classes} classes of {args.per_class}, buffer {args.buffer}, reuse {args.reuse}, "
           f"{m.n_way_min}-{m.n_way_max}-way {m.k_shot}+{m.q_query}): {args.episodes / seconds:.2f} episodes/s, "
           f"{delivered / seconds:.0f} images/s, {decoded[0] / delivered:.2f} decodes per delivered image "
-          f"({decoded[0]} decodes, {delivered} images delivered)")
+          f"({decoded[0]} decodes, {delivered} images delivered), {read / delivered / 1024:.1f} KiB read per delivered "
+          "image")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ def test_shard_dataset_and_normalize(dataset):
     ds = ShardDataset(root, "train", per_class=3)
     image, label = ds[4]
     assert len(ds) == 9 and label == 1 and image.shape == (3, 4, 4)
-    z = normalize(ds.images, ds.manifest)
+    images, labels, _ = load_split(root, "train", per_class=3)  # the same images, in the same order
+    assert torch.equal(torch.stack([ds[i][0] for i in range(len(ds))]), images) and torch.equal(ds.labels, labels)
+    z = normalize(images, ds.manifest)
     assert z.dtype == torch.float32 and abs(float(z.mean())) < 0.5
 
 
