@@ -100,7 +100,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 
     f = cfg.finetune
     result = finetune(args.model, args.data, args.out, args.epochs if args.epochs is not None else f.epochs, f,
-                      device=cfg.runtime.device)
+                      device=cfg.runtime.device, runtime=cfg.runtime)
     print(f"fine-tuned model → {args.out}: top-1 {result['top1']:.4f} on the test split "
           f"({result['train_images']} training images, {result['seconds']:.1f} s)")
 
