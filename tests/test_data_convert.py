@@ -341,8 +341,9 @@ def test_jpegs_are_kept_as_they_came_and_cropped_when_read(tmp_path):
     to round(16 / 0.875) = 18 and crops the centre 16×16 (torchvision's ImageNet eval transform)."""
     rng = np.random.default_rng(0)
     for i, (w, h) in enumerate([(40, 24), (20, 30), (16, 16)]):
-        (tmp_path / "src" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "src" / f"c{i % 2}" / f"{i}.jpg")
+        folder = tmp_path / "src" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
     convert("imagefolder", tmp_path / "src", tmp_path / "out", "--image-size", "16")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["format"].endswith("/v2") and manifest["resize"] == 18 and manifest["image_size"] == 16

@@ -235,9 +235,10 @@ def test_shards_without_an_index_are_indexed_from_their_tar_headers(dataset):
 
 
 @pytest.mark.parametrize("damage,problem", [
-    ("rewrite", "the index is of a 10240-byte shard, the shard has 51200 bytes"),  # the shard was replaced after its index was written
+    # the shard was replaced after its index was written
+    ("rewrite", "the index is of a 10240-byte shard, the shard has 51200 bytes"),
     ("shift", "no member '00000_00000000.png'"),  # same size, the entry points elsewhere
-    ("beyond", "'00000_00000000.png' at 1001536\\+120 lies outside the 10240-byte file"),  # never read past the end of the file
+    ("beyond", "'00000_00000000.png' at 1001536\\+120 lies outside the 10240-byte file"),  # never past the end
 ])
 def test_an_index_that_does_not_fit_its_shard_is_a_clear_error(dataset, damage, problem):
     root, x = dataset
