@@ -38,6 +38,7 @@ from stamp_dist.config import MetaConfig
 from stamp_dist.data import readers
 from stamp_dist.data.convert import convert
 from stamp_dist.data.episodes import ClassPool, EpisodeSampler
+from stamp_dist.data.shards import to_rgb_image
 
 
 def write_imagefolder(root: Path, classes: int, per_class: int, seed: int = 0, test_per_class: int = 0) -> int:
@@ -107,6 +108,7 @@ def main() -> None:
         on_disk = sum(f.stat().st_size for f in (tmp / "shards").rglob("*") if f.is_file())
         print(f"shards on disk: {on_disk / 2**20:.0f} MiB ({on_disk / size:.2f}x the source JPEGs' "
               f"{size / 2**20:.0f} MiB)")
+        decode_costs(sorted((tmp / "src" / "train").rglob("*.jpg"))[:200])
         if args.episodes:
             sample_episodes(tmp / "shards", args, m)
         if args.pretrain_epochs:
@@ -117,6 +119,37 @@ def main() -> None:
                 print(f"pretrain {name} (runtime.data_memory_mb={memory_mb}): peak RSS {rss:.0f} MiB, {seconds:.0f} s")
             same = len({(d / "backbone.safetensors").read_bytes() for d in runs.values()}) == 1
             print(f"weights identical in memory and streamed: {same}")
+
+
+def decode_costs(jpegs: list[Path], size: int = 224) -> None:
+    """Per image: decoding what a shard holds now (the original JPEG, resized and cropped when read) against
+    what it held before (a PNG written at ``size``), interleaved so both see the same machine load; and how far
+    ``Image.draft`` moves the pixels from a full decode (torchvision's exact result)."""
+    import io
+
+    pngs = []
+    for path in jpegs:
+        buf = io.BytesIO()
+        to_rgb_image(Image.open(path), size).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    jpeg_s = png_s = 0.0
+    diffs = []
+    for path, png in zip(jpegs, pngs):
+        data = path.read_bytes()
+        t = time.perf_counter()
+        got = np.asarray(readers.eval_crop(Image.open(io.BytesIO(data)), size, readers.resize_for(size)))
+        jpeg_s += time.perf_counter() - t
+        t = time.perf_counter()
+        np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        png_s += time.perf_counter() - t
+        full = Image.open(io.BytesIO(data))
+        full.format = None  # eval_crop drafts JPEGs only: this one is decoded in full
+        diffs.append(np.abs(got.astype(int) - np.asarray(readers.eval_crop(full, size, readers.resize_for(size)))))
+    n = len(jpegs)
+    print(f"decode per image ({n} images): original JPEG + resize 256 + crop {size}: {1e3 * jpeg_s / n:.1f} ms; "
+          f"the {size} px PNG shards held before: {1e3 * png_s / n:.1f} ms; Image.draft vs a full decode: mean "
+          f"|difference| {np.mean([d.mean() for d in diffs]):.2f} of 255 (drafted: "
+          f"{sum(d.any() for d in diffs)} of {n})")
 
 
 def sample_episodes(shards: Path, args, m: MetaConfig) -> None:
