@@ -319,7 +319,8 @@ def load_split(root: str | Path, split: str, per_class: int | None = None,
                classes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, Manifest]:
     """A whole split (or ``per_class`` images of each class) in memory: ``(uint8 images, labels, manifest)``.
 
-    For target datasets and the demo; ImageNet-scale data is read per class by the meta-trainer.
+    For target datasets and the demo; larger splits stream (``open_split``), and the meta-trainer reads
+    ImageNet-scale data per class (``iter_class``).
     """
     manifest = Manifest.load(root)
     labels = range(manifest.num_classes) if classes is None else classes
