@@ -170,6 +170,8 @@ def test_wrong_image_size_in_shard(dataset):
     (lambda m: m["splits"]["train"].update(shards=["x.tar", [], []]), "shard lists"),
     (lambda m: m.update(extra=1), "extra"),
     (lambda m: m.pop("image_size"), "image_size"),
+    (lambda m: m.update(resize=256), "'resize' is 256 in a 'stamp_dist/per-class-shards/v1' manifest"),
+    (lambda m: m.update(resize=3, format="stamp_dist/per-class-shards/v2"), "'resize' is 3, expected an integer in"),
 ])
 def test_malformed_manifest(dataset, edit, problem):
     root, _ = dataset
