@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import load_state, save_state
 from .config import FinetuneConfig, PretrainConfig
 from .data.readers import Normalization, ShardDataset
+from .devices import bound_host_allocator
 from .errors import StampError
 from .progress import progress
 
@@ -194,6 +195,10 @@ def fit(model: nn.Module, train: Split, test: Split | None, schedule: Schedule, 
     finished one, if its settings match; the cosine schedule follows the current ``epochs``, so a
     finished run can be extended."""
     images, labels, norm = train
+    if isinstance(images, ShardDataset):
+        # every batch decodes and frees image-sized buffers: with glibc's adaptive threshold they would pile
+        # up in the heap and the peak would creep up with the split (docs/DISTRIBUTED.md)
+        bound_host_allocator()
     epochs, batch_size, lr = schedule.epochs, schedule.batch_size, schedule.lr
     model.to(device, memory_format=torch.channels_last)  # NHWC convolutions: ~25% faster on CPU (oneDNN) and GPU
     steps_per_epoch = sum(1 for s in range(0, len(labels), batch_size) if len(labels) - s >= 2)
