@@ -100,7 +100,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 
     f = cfg.finetune
     result = finetune(args.model, args.data, args.out, args.epochs if args.epochs is not None else f.epochs, f,
-                      device=cfg.runtime.device)
+                      device=cfg.runtime.device, runtime=cfg.runtime)
     print(f"fine-tuned model → {args.out}: top-1 {result['top1']:.4f} on the test split "
           f"({result['train_images']} training images, {result['seconds']:.1f} s)")
 
@@ -181,7 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", required=True, choices=CONVERT_SOURCES, help="source format")
     p.add_argument("src", help="source path (folder or file, depending on --from)")
     p.add_argument("out", help="output dataset directory (must not exist)")
-    p.add_argument("--image-size", type=int, default=None, help="resize the shorter side to N and centre-crop N×N, keeping the aspect ratio (default: keep the source size)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="the network's input size N×N: JPEGs are stored as they are and, when read, resized (shorter "
+                   "side to round(N / 0.875), torchvision's 256 for 224) and centre-cropped; other images are resized "
+                   "(shorter side to N) and centre-cropped here (default: keep the source size)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per tar shard (default 1000)")
     p = command("demo", _cmd_data_demo, "write the built-in demo datasets (synthetic reference + digits targets)",
                 ("stamp data demo runs/demo/data -c configs/demo.yaml",), dsub, config=False)

@@ -163,6 +163,12 @@ class RuntimeConfig:
     sampler_buffer: int = 512  # images buffered per class by a sampler actor (bounds its memory)
     sampler_reuse: int = 4  # a class buffer is refilled from its shards after serving this many times its size
     sampler_max_restarts: int = 3  # restarts of a crashed sampler actor before the run fails
+    # Pretrain / fine-tune data: a split whose decoded images (N·3·S·S bytes) exceed this many MiB is read from
+    # its shards batch by batch (random access through the shard indexes) instead of loaded whole, so memory
+    # stops growing with the split; 0 = always. Same batches, order and augmentation either way.
+    data_memory_mb: int = 4096
+    # DataLoader worker processes decoding a streamed split; 0 = the training process itself (2-core machines)
+    data_workers: int = 0
     checkpoints_kept: int = 2  # Ray Train checkpoints kept in meta.out/train
 
 

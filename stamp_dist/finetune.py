@@ -8,33 +8,34 @@ from pathlib import Path
 import torch
 
 from .atomic import check_writable
-from .config import FinetuneConfig
+from .config import FinetuneConfig, RuntimeConfig
 from .data.manifest import Manifest
-from .data.readers import Normalization, load_split
+from .data.readers import Normalization, open_split
 from .devices import pick_device
 from .errors import StampError
 from .pruning.spec import load_pruned, save_pruned
-from .training import Schedule, evaluate, fit
+from .training import Images, Schedule, evaluate, fit
 
 
-def finetune_model(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
-                   evaluation: tuple[torch.Tensor, torch.Tensor], norm: Normalization, schedule: Schedule,
-                   device: torch.device) -> dict:
+def finetune_model(model: torch.nn.Module, train: tuple[Images, torch.Tensor],
+                   evaluation: tuple[Images, torch.Tensor], norm: Normalization, schedule: Schedule,
+                   device: torch.device, workers: int = 0) -> dict:
     """Train ``model`` in place on ``train`` with ``schedule`` (``Schedule.finetuning``) and score top-1 on
-    ``evaluation`` before and after."""
-    before = evaluate(model, *evaluation, norm, 2 * schedule.batch_size, device)
+    ``evaluation`` before and after; ``workers`` read streamed splits (``training.batches``)."""
+    before = evaluate(model, *evaluation, norm, 2 * schedule.batch_size, device, workers)
     t = time.perf_counter()
-    history = fit(model, (*train, norm), None, schedule, device, desc="fine-tune")
+    history = fit(model, (*train, norm), None, schedule, device, desc="fine-tune", workers=workers)
     seconds = time.perf_counter() - t
-    top1 = evaluate(model, *evaluation, norm, 2 * schedule.batch_size, device)
+    top1 = evaluate(model, *evaluation, norm, 2 * schedule.batch_size, device, workers)
     return {"top1": top1, "top1_before": before, "seconds": seconds, "epochs": schedule.epochs,
             "train_images": len(train[1]), "eval_images": len(evaluation[1]), "history": history}
 
 
 def finetune(model_dir: str | Path, data: str | Path, out: str | Path, epochs: int, cfg: FinetuneConfig,
-             device: str = "auto") -> dict:
+             device: str = "auto", runtime: RuntimeConfig | None = None) -> dict:
     """`stamp finetune`: train on the target's train split (``cfg.train_per_class`` images per class,
-    0 = all), score on its test split, and write the fine-tuned model with the result in its spec."""
+    0 = all), score on its test split, and write the fine-tuned model with the result in its spec.
+    ``runtime``: where ``data_memory_mb`` and ``data_workers`` come from (None: their defaults)."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise StampError(f"fine-tuning needs at least 1 epoch (got --epochs {epochs}); the model would be saved "
                          "unchanged as fine-tuned")
@@ -49,10 +50,11 @@ def finetune(model_dir: str | Path, data: str | Path, out: str | Path, epochs: i
         raise StampError(f"{data} holds {manifest.image_size}×{manifest.image_size} images but {model_dir} was pruned "
                          f"for {spec.input_size[1]}×{spec.input_size[2]}; convert the target with "
                          f"`stamp data convert ... --image-size {spec.input_size[1]}`")
-    x, y, _ = load_split(data, "train", per_class=cfg.train_per_class or None)
-    tx, ty, _ = load_split(data, "test")
+    runtime = runtime or RuntimeConfig()
+    x, y, _ = open_split(data, "train", cfg.train_per_class or None, runtime.data_memory_mb)
+    tx, ty, _ = open_split(data, "test", memory_mb=runtime.data_memory_mb)
     result = finetune_model(model, (x, y), (tx, ty), Normalization(spec.mean, spec.std),
-                            Schedule.finetuning(cfg, cfg.seed, epochs), dev)
+                            Schedule.finetuning(cfg, cfg.seed, epochs), dev, runtime.data_workers)
     spec.report["finetune"] = {k: v for k, v in result.items() if k != "history"} | {"data": str(data)}
     save_pruned(out, model, spec)
     return result

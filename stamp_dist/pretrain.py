@@ -21,7 +21,7 @@ import torch
 from .atomic import read_json
 from .config import to_dict
 from .data.manifest import MANIFEST
-from .data.readers import Normalization, load_split
+from .data.readers import Normalization, open_split
 from .devices import pick_device
 from .errors import StampError
 from .models.backbones import build_backbone
@@ -68,8 +68,9 @@ def pretrain(cfg) -> Path:
     if pc.num_threads > 0:
         torch.set_num_threads(pc.num_threads)
     device = pick_device(cfg.runtime.device)
-    x, y, manifest = load_split(cfg.data.reference, "train")
-    tx, ty, _ = load_split(cfg.data.reference, "test")
+    budget = cfg.runtime.data_memory_mb
+    x, y, manifest = open_split(cfg.data.reference, "train", memory_mb=budget)
+    tx, ty, _ = open_split(cfg.data.reference, "test", memory_mb=budget)
     norm = Normalization.of(manifest)
     train, test = (x, y, norm), (tx, ty, norm)
     torch.manual_seed(pc.seed)  # the initial weights
@@ -82,7 +83,7 @@ def pretrain(cfg) -> Path:
           f"{len(train[1])} train / {len(test[1])} held-out images, {pc.epochs} epochs on {device}")
 
     history = fit(model, train, test, Schedule.pretraining(pc), device, Checkpointing(out / "checkpoint", key),
-                  desc="pretrain")
+                  desc="pretrain", workers=cfg.runtime.data_workers)
 
     top1 = history[-1]["test_top1"]
     meta = {"backbone": cfg.model.backbone, "width": cfg.model.width, "num_classes": manifest.num_classes,

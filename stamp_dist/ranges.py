@@ -125,6 +125,8 @@ RANGES: dict[str, Range] = {
     "runtime.sampler_buffer": COUNT,
     "runtime.sampler_reuse": COUNT,
     "runtime.sampler_max_restarts": NON_NEGATIVE,
+    "runtime.data_memory_mb": NON_NEGATIVE,
+    "runtime.data_workers": NON_NEGATIVE,
     "runtime.checkpoints_kept": COUNT,
     "bench.budgets": FRACTION,
     "bench.seeds": SEED,

@@ -1,7 +1,10 @@
 """The plain supervised loop shared by pretraining and by fine-tuning pruned models.
 
-Data lives in memory as uint8 ``[N, 3, H, W]`` tensors (``readers.load_split``); each batch is
-augmented as uint8, moved to the device and normalised there. SGD with momentum and a per-step
+Data is a uint8 ``[N, 3, H, W]`` tensor in memory (``readers.load_split``) or, for a split larger than
+``runtime.data_memory_mb``, a ``readers.ShardDataset`` whose batches ``DataLoader`` workers read from the
+shards (``readers.open_split``); the batches, their order and the augmentation are the same either way,
+since indices and random numbers are drawn here, never in a worker. Each batch is augmented as uint8,
+moved to the device and normalised there. SGD with momentum and a per-step
 cosine learning-rate schedule. All randomness (shuffling, augmentation) comes from one
 ``torch.Generator`` seeded from ``seed``, so a run is reproducible on CPU, also across a resume.
 
@@ -18,18 +21,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from .checkpoint import load_state, save_state
 from .config import FinetuneConfig, PretrainConfig
-from .data.readers import Normalization
+from .data.readers import Normalization, ShardDataset
+from .devices import bound_host_allocator
 from .errors import StampError
 from .progress import progress
 
-Split = tuple[torch.Tensor, torch.Tensor, Normalization]  # (uint8 images, labels, input statistics)
+Images = torch.Tensor | ShardDataset  # uint8 [N, 3, H, W] in memory, or read from the shards per batch
+Split = tuple[Images, torch.Tensor, Normalization]  # (images, labels, input statistics)
 
 
 @dataclass(frozen=True)
@@ -93,20 +100,32 @@ def augment(images: torch.Tensor, generator: torch.Generator, flip: bool = True,
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def batches(images: Images, indices: list[torch.Tensor], workers: int = 0) -> Iterator[torch.Tensor]:
+    """The uint8 images at each of ``indices``, in order: indexed in memory, or read by a ``DataLoader`` with
+    ``workers`` processes (0: this one) from the shards."""
+    if isinstance(images, torch.Tensor):
+        return (images[idx] for idx in indices)
+    loader = DataLoader(images, batch_sampler=[idx.tolist() for idx in indices], num_workers=workers,
+                        collate_fn=_stack_images)
+    return iter(loader)
+
+
+def _stack_images(items: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    return torch.stack([x for x, _ in items])  # labels stay with the caller, who drew the indices
+
+
 def train_epoch(state: TrainState, train: Split, schedule: Schedule, device: torch.device,
-                bar=None) -> tuple[float, float]:
+                bar=None, workers: int = 0) -> tuple[float, float]:
     """One pass over the shuffled data; returns (mean loss, accuracy) on the augmented batches.
     The scheduler steps after every batch; ``bar`` (a progress bar) advances per image."""
     images, labels, norm = train
     model, generator, batch_size = state.model, state.generator, schedule.batch_size
     model.train()
     order = torch.randperm(len(labels), generator=generator)
+    # BatchNorm cannot train on a single sample: a last batch of one is dropped
+    chunks = [idx for idx in order.split(batch_size) if len(idx) >= 2]
     loss_sum, correct, seen = 0.0, 0, 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        if len(idx) < 2:  # BatchNorm cannot train on a single sample
-            continue
-        x = images[idx]
+    for idx, x in zip(chunks, batches(images, chunks, workers)):
         if schedule.augment:
             x = augment(x, generator, flip=schedule.flip)
         x = norm(x.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
@@ -127,15 +146,15 @@ def train_epoch(state: TrainState, train: Split, schedule: Schedule, device: tor
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norm: Normalization,
-             batch_size: int, device: torch.device) -> float:
+def evaluate(model: nn.Module, images: Images, labels: torch.Tensor, norm: Normalization,
+             batch_size: int, device: torch.device, workers: int = 0) -> float:
     """Top-1 accuracy (eval mode, no augmentation)."""
     model.eval()
     correct = 0
-    for start in range(0, len(labels), batch_size):
-        x = norm(images[start:start + batch_size].to(device))
-        x = x.contiguous(memory_format=torch.channels_last)
-        correct += int((model(x).argmax(1).cpu() == labels[start:start + batch_size]).sum())
+    chunks = list(torch.arange(len(labels)).split(batch_size))
+    for idx, x in zip(chunks, batches(images, chunks, workers)):
+        x = norm(x.to(device)).contiguous(memory_format=torch.channels_last)
+        correct += int((model(x).argmax(1).cpu() == labels[idx]).sum())
     return correct / max(len(labels), 1)
 
 
@@ -168,13 +187,18 @@ def load_checkpoint(at: Checkpointing, state: TrainState) -> tuple[int, list[dic
 
 
 def fit(model: nn.Module, train: Split, test: Split | None, schedule: Schedule, device: torch.device,
-        checkpoint: Checkpointing | None = None, desc: str = "train") -> list[dict]:
+        checkpoint: Checkpointing | None = None, desc: str = "train", workers: int = 0) -> list[dict]:
     """Train ``model`` for ``schedule.epochs`` epochs; returns the per-epoch history (a list of metric dicts).
+    ``workers``: ``DataLoader`` processes reading a split streamed from its shards (``runtime.data_workers``).
 
     With ``checkpoint`` the state is saved after every epoch and a later call resumes from the last
     finished one, if its settings match; the cosine schedule follows the current ``epochs``, so a
     finished run can be extended."""
     images, labels, norm = train
+    if isinstance(images, ShardDataset):
+        # every batch decodes and frees image-sized buffers: with glibc's adaptive threshold they would pile
+        # up in the heap and the peak would creep up with the split (docs/DISTRIBUTED.md)
+        bound_host_allocator()
     epochs, batch_size, lr = schedule.epochs, schedule.batch_size, schedule.lr
     model.to(device, memory_format=torch.channels_last)  # NHWC convolutions: ~25% faster on CPU (oneDNN) and GPU
     steps_per_epoch = sum(1 for s in range(0, len(labels), batch_size) if len(labels) - s >= 2)
@@ -201,14 +225,15 @@ def fit(model: nn.Module, train: Split, test: Split | None, schedule: Schedule, 
     try:
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
-            loss, acc = train_epoch(state, train, schedule, device, bar)
+            loss, acc = train_epoch(state, train, schedule, device, bar, workers)
             if not math.isfinite(loss):  # before the checkpoint: the last good one stays
                 raise StampError(f"{desc} diverged in epoch {epoch + 1}: the training loss is {loss}; lower the "
                                  f"learning rate (now {lr}) and run again")
             metrics = {"epoch": epoch + 1, "train_loss": round(loss, 5), "train_acc": round(acc, 5),
                        "lr_end": state.scheduler.get_last_lr()[0]}
             if test is not None:
-                metrics["test_top1"] = round(evaluate(model, test[0], test[1], norm, 2 * batch_size, device), 5)
+                metrics["test_top1"] = round(evaluate(model, test[0], test[1], norm, 2 * batch_size, device,
+                                                      workers), 5)
             metrics["seconds"] = round(time.perf_counter() - t0, 2)
             history.append(metrics)
             bar.set_postfix({k: v for k, v in metrics.items() if k in ("train_loss", "train_acc", "test_top1")},

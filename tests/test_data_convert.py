@@ -4,6 +4,7 @@ test_data_errors.py."""
 
 import json
 import pickle
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -322,3 +323,60 @@ def test_imagefolder_includes_images_in_nested_folders(tmp_path):
     convert("imagefolder", tmp_path / "src", tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["classes"] == ["a", "b"] and manifest["splits"]["train"]["counts"] == [3, 2]
+
+
+def torchvision_eval(path, size, resize):
+    """torchvision's Resize(resize) + CenterCrop(size) on a PIL image, from its documented arithmetic."""
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    long = int(resize * max(w, h) / min(w, h))
+    tw, th = (resize, long) if w <= h else (long, resize)
+    img = img.resize((tw, th), Image.Resampling.BILINEAR)
+    left, top = int(round((tw - size) / 2)), int(round((th - size) / 2))
+    return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+def test_jpegs_are_kept_as_they_came_and_cropped_when_read(tmp_path):
+    """Issue 13: a JPEG's own bytes go into the shard (no re-encode, no resize); reading resizes the shorter side
+    to round(16 / 0.875) = 18 and crops the centre 16×16 (torchvision's ImageNet eval transform)."""
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(40, 24), (20, 30), (16, 16)]):
+        folder = tmp_path / "src" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    convert("imagefolder", tmp_path / "src", tmp_path / "out", "--image-size", "16")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["format"].endswith("/v2") and manifest["resize"] == 18 and manifest["image_size"] == 16
+    with tarfile.open(tmp_path / "out" / "train" / "00000-0000.tar") as tar:
+        stored = tar.extractfile("00000_00000000.jpg").read()
+    assert stored == (tmp_path / "src" / "c0" / "0.jpg").read_bytes()
+    got, _, _ = read(tmp_path / "out", "train")
+    sources = [tmp_path / "src" / "c0" / "0.jpg", tmp_path / "src" / "c0" / "2.jpg", tmp_path / "src" / "c1" / "1.jpg"]
+    for image, path in zip(got, sources):
+        expect = torchvision_eval(path, 16, 18) if path.name != "2.jpg" else np.asarray(Image.open(path).convert("RGB"))
+        np.testing.assert_array_equal(image, expect)  # a 16×16 image is taken as it is
+
+
+def test_large_jpegs_are_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
+    """Image.draft: a 400×320 JPEG read at 16 px decodes at 1/8 scale (50×40 ≥ the resized 22×18), close to
+    the full decode's pixels."""
+    from PIL import JpegImagePlugin
+
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    Image.fromarray(smooth(1, 400)[0][:320]).save(tmp_path / "src" / "a" / "big.jpg", quality=95)
+    convert("imagefolder", tmp_path / "src", tmp_path / "out", "--image-size", "16")
+    decoded, real = [], JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda im, mode, size: decoded.append(real(im, mode, size)) or decoded[-1])
+    got, _, _ = read(tmp_path / "out", "train")
+    assert decoded and decoded[0][1] == (0, 0, 50, 40)  # the scale PIL chose: 1/8
+    assert np.abs(got[0].astype(int) - torchvision_eval(tmp_path / "src" / "a" / "big.jpg", 16, 18)).mean() < 3
+
+
+def test_non_jpeg_datasets_keep_format_v1(tmp_path):
+    """PNG and array sources are resized at convert time as before and stay v1, byte for byte the manifest an
+    earlier version wrote (no 'resize' key): the demo's data, and the pretraining run keys hashing it, are unchanged."""
+    write_image_folder(tmp_path / "src", pixels(4, 8), np.array([0, 1, 0, 1]), ["a", "b"])
+    convert("imagefolder", tmp_path / "src", tmp_path / "out", "--image-size", "4")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["format"] == "stamp_dist/per-class-shards/v1" and "resize" not in manifest

@@ -150,3 +150,21 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, words, tiny_generat
     for w in words:
         assert w in err, err
     assert set(tmp_path.iterdir()) == before and not out.exists()
+
+
+def test_finetune_streamed_from_the_shards_gives_the_same_model(tiny_generator, digits, tmp_path, monkeypatch):
+    """`stamp finetune` with runtime.data_memory_mb=0 reads both splits through 2 DataLoader workers (neither is
+    loaded whole) and trains the same weights, with the same score, as in memory."""
+    from stamp_dist.data import readers
+
+    pruned = tmp_path / "pruned"
+    assert main(prune_args(tiny_generator, digits, pruned)) == 0
+    common = ["finetune", "--model", str(pruned), "--data", str(digits), "--epochs", "1"]
+    overrides = ["runtime.device=cpu", "finetune.train_per_class=5"]
+    assert main([*common, "--out", str(tmp_path / "memory"), *overrides]) == 0
+    monkeypatch.setattr(readers, "load_split", lambda *a, **k: pytest.fail("a split was loaded whole"))
+    assert main([*common, "--out", str(tmp_path / "streamed"), *overrides, "runtime.data_memory_mb=0",
+                 "runtime.data_workers=2"]) == 0
+    (a, spec_a), (b, spec_b) = (stamp_dist.load_pruned(tmp_path / d) for d in ("memory", "streamed"))
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert spec_a.report["finetune"]["top1"] == spec_b.report["finetune"]["top1"]

@@ -138,3 +138,23 @@ def test_augment_crops_and_flips_uint8():
 def test_pick_device():
     assert pick_device("cpu").type == "cpu"
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_streaming_from_the_shards_trains_the_same_weights(finished, reference, tmp_path, monkeypatch):
+    """runtime.data_memory_mb=0 streams both splits through 2 DataLoader workers (nothing loaded whole):
+    the same batches, order and augmentation as in memory, so bit-identical weights and history."""
+    from stamp_dist.data import readers
+
+    def refuse(*a, **k):
+        raise AssertionError("a split was loaded whole")
+
+    monkeypatch.setattr(readers, "load_split", refuse)
+    bounded = []  # streaming also fixes glibc's mmap threshold, so that decode buffers do not pile up
+    monkeypatch.setattr(training, "bound_host_allocator", lambda: bounded.append(1) or True)
+    out = tmp_path / "streamed"
+    pretrain(tiny_config(reference, out, "runtime.data_memory_mb=0", "runtime.data_workers=2"))
+    assert bounded
+    streamed, expected = weights(out), weights(finished)
+    assert all(torch.equal(streamed[k], expected[k]) for k in expected)
+    history = lambda o: [{k: v for k, v in h.items() if k != "seconds"} for h in load_backbone(o)[1]["history"]]
+    assert history(out) == history(finished)

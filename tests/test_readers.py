@@ -60,7 +60,9 @@ def test_shard_dataset_and_normalize(dataset):
     ds = ShardDataset(root, "train", per_class=3)
     image, label = ds[4]
     assert len(ds) == 9 and label == 1 and image.shape == (3, 4, 4)
-    z = normalize(ds.images, ds.manifest)
+    images, labels, _ = load_split(root, "train", per_class=3)  # the same images, in the same order
+    assert torch.equal(torch.stack([ds[i][0] for i in range(len(ds))]), images) and torch.equal(ds.labels, labels)
+    z = normalize(images, ds.manifest)
     assert z.dtype == torch.float32 and abs(float(z.mean())) < 0.5
 
 
@@ -168,6 +170,8 @@ def test_wrong_image_size_in_shard(dataset):
     (lambda m: m["splits"]["train"].update(shards=["x.tar", [], []]), "shard lists"),
     (lambda m: m.update(extra=1), "extra"),
     (lambda m: m.pop("image_size"), "image_size"),
+    (lambda m: m.update(resize=256), "'resize' is 256 in a 'stamp_dist/per-class-shards/v1' manifest"),
+    (lambda m: m.update(resize=3, format="stamp_dist/per-class-shards/v2"), "'resize' is 3, expected an integer in"),
 ])
 def test_malformed_manifest(dataset, edit, problem):
     root, _ = dataset
@@ -208,3 +212,45 @@ def test_a_tar_member_claiming_more_than_the_file_holds_is_refused_before_readin
     path.write_bytes(bytes(data))
     with pytest.raises(StampError, match="lie.tar is truncated or corrupt.*claims 8589934592 bytes"):
         list(iter_tar(path))
+
+
+def test_chosen_images_are_read_through_the_shard_index(dataset, monkeypatch):
+    """Issue 13: a class buffer refill seeks to the images it keeps; the shards are never read through."""
+    from stamp_dist.data import readers
+
+    root, x = dataset
+    manifest = Manifest.load(root)
+    assert all((root / f"{rel}.idx").is_file() for shards in manifest.splits["train"].shards for rel in shards)
+    monkeypatch.setattr(readers, "iter_tar", lambda *a: pytest.fail("a shard was read through"))
+    got = np.stack(list(iter_class(root, manifest, "train", 1, only={0, 3, 4})))
+    np.testing.assert_array_equal(got, x[1::3][[0, 3, 4]])
+
+
+def test_shards_without_an_index_are_indexed_from_their_tar_headers(dataset):
+    """Datasets written before indexes existed: the same images, and nothing is written into the dataset."""
+    root, x = dataset
+    for idx in root.rglob("*.idx"):
+        idx.unlink()
+    got = np.stack(list(iter_class(root, Manifest.load(root), "train", 2, only={1, 4})))
+    np.testing.assert_array_equal(got, x[2::3][[1, 4]])
+    assert not list(root.rglob("*.idx"))
+
+
+@pytest.mark.parametrize("damage,problem", [
+    # the shard was replaced after its index was written
+    ("rewrite", "the index is of a 10240-byte shard, the shard has 51200 bytes"),
+    ("shift", "no member '00000_00000000.png'"),  # same size, the entry points elsewhere
+    ("beyond", "'00000_00000000.png' at 1001536\\+120 lies outside the 10240-byte file"),  # never past the end
+])
+def test_an_index_that_does_not_fit_its_shard_is_a_clear_error(dataset, damage, problem):
+    root, x = dataset
+    shard = root / "train" / "00000-0000.tar"
+    idx = root / "train" / "00000-0000.tar.idx"
+    raw = json.loads(idx.read_text())
+    if damage == "rewrite":
+        rewrite_shard(shard, [{"__key__": f"k{i}", "png": x[i], "cls": b"0"} for i in range(10)])  # > 10 KiB
+    else:
+        raw["samples"][0][2] += 2048 if damage == "shift" else 10**6  # 2048: the next sample's image
+        idx.write_text(json.dumps(raw))
+    with pytest.raises(StampError, match=f"{idx} does not fit {shard} \\({problem}.*delete {idx}"):
+        list(iter_class(root, Manifest.load(root), "train", 0, only={0}))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import math
 import os
 import pickle
@@ -28,10 +29,11 @@ from ..atomic import atomic_dir, check_writable
 from ..errors import StampError
 from ..progress import progress
 from .manifest import Manifest
-from .readers import decode_image, iter_tar, parse_label
-from .shards import PerClassShardWriter
+from .readers import IMAGE_EXTS, decode_image, iter_tar, parse_label
+from .shards import Jpeg, PerClassShardWriter
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+JPEG_MAGIC = b"\xff\xd8\xff"  # every JPEG starts with SOI + a marker
 
 # What each --from expects; quoted in errors so the user sees the layout they need.
 LAYOUTS = {
@@ -49,7 +51,7 @@ LAYOUTS = {
 class Item(NamedTuple):
     split: str
     label: int
-    image: object  # PIL image or HWC / HW uint8 array
+    image: object  # PIL image, HWC / HW uint8 array, or a JPEG's bytes (``Jpeg``, stored as they are)
     origin: str  # where the image came from, for error messages
 
 
@@ -148,10 +150,15 @@ def _array_source(classes: list[str] | None, parts: list[tuple[str, np.ndarray, 
 # ---------------------------------------------------------------------------------------------- sources
 
 
-def _read_image(path: Path) -> Image.Image:
+def _read_image(path: Path) -> Image.Image | Jpeg:
+    """A JPEG file (by its content, whatever its suffix) as its bytes, which the writer keeps; other images
+    decoded (converted to RGB, so truncated files fail here; a broken JPEG fails in the writer's decode)."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")  # forces the full decode, so truncated files fail here
+        data = path.read_bytes()
+        if data.startswith(JPEG_MAGIC):
+            return Jpeg(data)
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise StampError(f"{path}: cannot read image ({e}); remove or replace the file") from None
 
@@ -385,7 +392,10 @@ def _wds(src: Path) -> Source:
                         raise StampError(f"{path}: sample '{key}' has label {label}, but {names_file} lists "
                                          f"{len(classes)} classes (labels 0..{len(classes) - 1}); fix the label "
                                          "or add the missing class names")
-                    yield Item(split, label, decode_image(key, sample, str(path)), f"{path}: sample '{key}'")
+                    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+                    image = (Jpeg(sample[ext]) if ext in ("jpg", "jpeg") and sample[ext].startswith(JPEG_MAGIC)
+                             else decode_image(key, sample, str(path)))
+                    yield Item(split, label, image, f"{path}: sample '{key}'")
 
     return Source(classes, items())
 
@@ -543,7 +553,9 @@ def describe(root: str | Path) -> str:
         f"dataset     {root}",
         f"source      {manifest.source or 'unknown'}",
         f"classes     {manifest.num_classes}: {names}",
-        f"image size  {manifest.image_size}×{manifest.image_size}, {manifest.channels} channels",
+        f"image size  {manifest.image_size}×{manifest.image_size}, {manifest.channels} channels"
+        + (f" (JPEGs kept as they came: shorter side to {manifest.resize}, centre crop, when read)"
+           if manifest.resize else ""),
         f"mean        {', '.join(f'{v:.4f}' for v in manifest.mean)}",
         f"std         {', '.join(f'{v:.4f}' for v in manifest.std)}",
         "",

@@ -3,12 +3,17 @@
 Layout of a dataset directory::
 
     manifest.json
-    train/00000-0000.tar   # class 0, shard 0: samples {key}.png + {key}.cls
+    train/00000-0000.tar       # class 0, shard 0: samples {key}.png|jpg + {key}.cls
+    train/00000-0000.tar.idx   # where each sample's image lies in the tar (readers.write_index)
     train/00000-0001.tar
     test/00000-0000.tar
 
 One class per shard file makes N-way episode sampling cheap at ImageNet scale: a task opens only
-the shards of its N classes.
+the shards of its N classes, and the ``.idx`` files let a reader seek to the images it needs.
+
+Format v1: every image is stored at ``image_size``. v2 (written when JPEGs were kept as they came,
+at their own size): ``resize`` is set and those images are resized and centre-cropped when read
+(``readers.eval_crop``). v1 datasets still read; a reader that only knows v1 refuses v2 by its format.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from ..atomic import read_json, write_json
 from ..errors import StampError
 from ..records import MAX_CLASSES, MAX_IMAGE_SIZE, is_int, stats_problem
 
-FORMAT = "stamp_dist/per-class-shards/v1"
+FORMAT_V1 = "stamp_dist/per-class-shards/v1"
+FORMAT = "stamp_dist/per-class-shards/v2"
 MANIFEST = "manifest.json"
 
 
@@ -39,7 +45,10 @@ class Manifest:
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     channels: int = 3
     source: str = ""
-    format: str = FORMAT
+    # v2: images not stored at image_size (original JPEGs) get their shorter side resized to this, then the
+    # centre image_size square, when read; None (v1): every image is stored at image_size
+    resize: int | None = None
+    format: str = FORMAT_V1
 
     @property
     def num_classes(self) -> int:
@@ -51,7 +60,10 @@ class Manifest:
         return self.splits[name]
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """v1 stays byte-identical to what earlier versions wrote (a pretrained backbone's run key hashes it)."""
+        d = asdict(self)
+        resize = d.pop("resize")
+        return d if resize is None else d | {"resize": resize, "format": FORMAT}
 
     def save(self, directory: str | Path) -> None:
         write_json(Path(directory) / MANIFEST, self.to_json())
@@ -70,8 +82,9 @@ class Manifest:
         raw = read_json(path, "manifest")
         if not isinstance(raw, dict):
             raise StampError(f"{path} is malformed: expected a JSON object")
-        if raw.get("format") != FORMAT:
-            raise StampError(f"{path} is malformed: 'format' is {raw.get('format')!r}, expected {FORMAT!r}")
+        if raw.get("format") not in (FORMAT_V1, FORMAT):
+            raise StampError(f"{path} is malformed: 'format' is {raw.get('format')!r}, expected {FORMAT!r} "
+                             f"(or {FORMAT_V1!r})")
         try:
             splits = {name: SplitInfo(**s) for name, s in raw["splits"].items()}
             m = cls(**{**raw, "splits": splits})
@@ -94,6 +107,10 @@ class Manifest:
             raise bad(f"'classes' lists {len(self.classes)} classes, more than the {MAX_CLASSES} supported")
         if not is_int(self.image_size) or not 1 <= self.image_size <= MAX_IMAGE_SIZE:
             raise bad(f"'image_size' is {self.image_size!r}, expected an integer in [1, {MAX_IMAGE_SIZE}]")
+        if (self.format == FORMAT) != (self.resize is not None):
+            raise bad(f"'resize' is {self.resize!r} in a {self.format!r} manifest: format v2 has it, v1 does not")
+        if self.resize is not None and not (is_int(self.resize) and self.image_size <= self.resize <= MAX_IMAGE_SIZE):
+            raise bad(f"'resize' is {self.resize!r}, expected an integer in [image_size, {MAX_IMAGE_SIZE}]")
         if not is_int(self.channels) or self.channels != 3:
             raise bad(f"'channels' is {self.channels!r}; the format stores RGB images: it must be the integer 3")
         if problem := stats_problem({"mean": self.mean, "std": self.std}):

@@ -1,7 +1,8 @@
 """Writing per-class shards: one tar per (split, class) at a time, rolled every ``shard_size`` images.
 
-The tars are plain WebDataset shards (members ``{key}.png`` + ``{key}.cls``), written with ``tarfile``
-because a shard closed early must later be reopened for appending (see ``MAX_OPEN``).
+The tars are plain WebDataset shards (members ``{key}.png`` or ``{key}.jpg``, + ``{key}.cls``), written with
+``tarfile`` because a shard closed early must later be reopened for appending (see ``MAX_OPEN``); each
+gets its index ``{shard}.idx`` (``readers.write_index``) once the dataset is complete.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ import io
 import itertools
 import tarfile
 from collections import Counter, OrderedDict, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .manifest import Manifest, SplitInfo
+from .readers import eval_crop, resize_for, write_index
 
 # Cap on simultaneously open tar files: a class-mixed source at ImageNet scale would exceed the
 # open-file limit. The least recently used shard is closed and appended to when its class returns,
@@ -44,6 +47,14 @@ class _OpenShard:
         self.tar.close()
         self.file.close()
         return end
+
+
+@dataclass(frozen=True)
+class Jpeg:
+    """A JPEG file's bytes, stored in its shard as they are (``{key}.jpg``): no re-encoding, no resizing at
+    convert time; readers resize and crop it to the manifest's size (``readers.eval_crop``)."""
+
+    data: bytes
 
 
 def to_rgb_image(image, image_size: int | None) -> Image.Image:
@@ -77,6 +88,8 @@ class PerClassShardWriter:
     ``classes=None``: the class list is not known up front (a class-mixed stream without names);
     labels must then cover 0..C-1 and the classes are named "0".."C-1" at ``finish``.
     ``image_size=None``: keep the source size; every image must be square and of the first one's size.
+    A ``Jpeg`` is stored as it is, and with ``image_size`` the manifest becomes v2 (``resize`` set: readers
+    resize and crop it); other images are resized and cropped here (``to_rgb_image``) and stored as PNG.
     Problems with an image raise ``ValueError``; the caller adds where the image came from.
     """
 
@@ -88,6 +101,7 @@ class PerClassShardWriter:
         self.image_size = image_size  # with None: set by the first image
         self.shard_size = shard_size
         self.source = source
+        self._kept_jpeg = False  # some JPEG stored at its own size: readers must resize it (manifest v2)
         self._open: OrderedDict[tuple[str, int], _OpenShard] = OrderedDict()
         self._in_shard: dict[tuple[str, int], int] = {}  # images in each (split, class)'s last shard
         self._append_at: dict[tuple[str, int], int] = {}  # last shards closed early, not yet full
@@ -141,19 +155,35 @@ class PerClassShardWriter:
                 "pass --image-size N to resize and centre-crop all images to N×N"
             )
 
+    def _open_jpeg(self, data: bytes) -> Image.Image:
+        """The JPEG as readers will see it (for the statistics; also proves it decodes)."""
+        try:
+            img = Image.open(io.BytesIO(data))
+            if self.resize_to is None:
+                return img.convert("RGB")
+            return eval_crop(img, self.resize_to, resize_for(self.resize_to))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot read image ({e}); remove or replace the file") from None
+
     def add(self, split: str, label: int, image) -> None:
         self._check_label(label)
-        img = to_rgb_image(image, self.resize_to)
+        jpeg = image.data if isinstance(image, Jpeg) else None
+        img = to_rgb_image(image, self.resize_to) if jpeg is None else self._open_jpeg(jpeg)
         self._fix_size(img)
+        if jpeg is None:
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            files = {"cls": str(label).encode(), "png": buf.getvalue()}
+        else:
+            files = {"cls": str(label).encode(), "jpg": jpeg}
+            self._kept_jpeg |= self.resize_to is not None
         arr = np.asarray(img, dtype=np.float64) / 255.0
         stats = self._stats.setdefault(split, [np.zeros(3), np.zeros(3), 0])
         stats[0] += arr.sum(axis=(0, 1))
         stats[1] += (arr**2).sum(axis=(0, 1))
         stats[2] += arr.shape[0] * arr.shape[1]
         n = self._counts[(split, label)]
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        self._shard(split, label).write(f"{label:05d}_{n:08d}", {"cls": str(label).encode(), "png": buf.getvalue()})
+        self._shard(split, label).write(f"{label:05d}_{n:08d}", files)
         self._counts[(split, label)] = n + 1
         self._in_shard[(split, label)] += 1
 
@@ -196,6 +226,10 @@ class PerClassShardWriter:
         manifest = Manifest(
             classes=classes, image_size=self.image_size, splits=splits,
             mean=[round(float(x), 6) for x in mean], std=[round(float(x), 6) for x in std], source=self.source,
+            resize=resize_for(self.image_size) if self._kept_jpeg else None,
         )
+        for shards in self._shards.values():
+            for rel in shards:
+                write_index(self.root / rel)
         manifest.save(self.root)
         return manifest
