@@ -16,6 +16,7 @@ masks keep) unless ``--off-grid``. Prints each mask's numbers and the max / mean
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ import numpy as np
 import torch
 
 from stamp_dist.models.backbones import build_backbone
-from stamp_dist.pruning.latency import REPEATS, device_name, latency_model, networks_ms, random_masks
+from stamp_dist.pruning import latency
+from stamp_dist.pruning.latency import device_name, latency_model, networks_ms, random_masks
 from stamp_dist.pruning.prunable import PrunableBackbone
 from stamp_dist.pruning.surgery import prune_model
 
@@ -43,6 +45,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--masks", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (the fastest counts)")
+    ap.add_argument("--repeats", type=int, default=latency.REPEATS,
+                    help="timed passes per layer point and per network and round (the fastest counts)")
     ap.add_argument("--off-grid", action="store_true", help="counts anywhere (not only on the table's grid)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -50,23 +54,24 @@ def main() -> None:
                     "built-in backbone)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    latency.REPEATS = args.repeats
     net = backbone(args.backbone, args.size)
     directory = args.table_dir or (args.backbone if Path(args.backbone).is_dir() else None)
     t = time.perf_counter()
     model = latency_model(net.backbone, net.groups, net.input_size, args.batch, directory)
     made = time.perf_counter() - t
     print(f"{args.backbone} at {net.input_size[1]}x{net.input_size[2]}, batch {args.batch}, {args.threads} thread(s), "
-          f"{device_name(net.device)}, torch {torch.__version__}; table {model.path or '(not cached)'} "
-          f"{'measured' if made > 1 else 'read'} in {made:.0f} s; calibration scale "
-          f"{model.scale:.3f}, offset {model.offset:.2f} ms; predicted dense {model.dense:.1f} ms")
+          f"{device_name(net.device)}, torch {torch.__version__}, {model.table['environment']['clock']} clock; table {model.path or '(not cached)'} "
+          f"{'measured' if made > 1 else 'read'} in {made:.0f} s; calibration scales (compute, memory) "
+          f"{model.scales[0]:.3f}, {model.scales[1]:.3f}, offset {model.offset:.2f} ms; predicted dense {model.dense:.1f} ms")
     rng = np.random.default_rng(args.seed)
     masks = [random_masks(net.groups, rng, on_grid=not args.off_grid) for _ in range(args.masks)]
     counts = [torch.tensor([float(m.sum()) for m in keep], dtype=torch.float64) for keep in masks]
     predicted = [float(model(c)) for c in counts]
     nets = [net.backbone] + [prune_model(net.backbone, net.groups, keep) for keep in masks]
     dense, *measured = networks_ms(nets, net.input_size, args.batch, args.rounds)
-    print(f"measured dense {dense:.1f} ms (fastest of {args.rounds} rounds of {REPEATS} passes, interleaved with "
-          f"the pruned networks)")
+    print(f"measured dense {dense:.1f} ms (fastest of {args.rounds} rounds of {args.repeats} passes, interleaved with "
+          f"the pruned networks; load average {os.getloadavg()[0]:.1f})")
     print("| mask | kept channels | predicted (ms) | measured (ms) | error |")
     print("|---|---|---|---|---|")
     errors = []

@@ -7,6 +7,11 @@ Two rules, chosen by ``allocation`` in :func:`hard_mask`:
 * ``uniform`` (:func:`uniform_ratio_masks`): every group keeps the same fraction of its channels; the
   scores only rank the channels within a group (the rule of the score-based baselines).
 
+Both take any ``BudgetCost``: MACs (exact, bilinear) or measured latency, whose counts are kept on the
+latency table's grid (``cost.steps``, combined with ``round_to``): the table is exact there, and measured
+latency is neither smooth nor monotone in between, so removal steps that save no time are still taken when
+no other step saves any (a later one may).
+
 Why both: a learned allocation can follow what a target needs, but the one STAMP learned from
 frozen-feature objectives kept the residual streams, emptied the inner convs and lost up to 15 points
 to random channels after fine-tuning on real targets; the uniform rule kept the network's shape and

@@ -17,8 +17,8 @@ activations), per-layer overheads, kernel efficiency. Like HALP and NetAdapt we 
   between, kernels are not smooth.
 * **Calibration.** Isolated layers miss what the whole network adds (residual adds, Python dispatch,
   caches), so the dense network and ``CALIBRATION_MASKS`` random masks (per-group keep fractions uniform
-  in [0.1, 1], physically pruned through surgery.py) are timed end to end, and ``measured ≈ scale · raw +
-  offset`` is fitted by least squares (networks timed in interleaved rounds, fastest counts: ``networks_ms``).
+  in [0.1, 1], physically pruned through surgery.py) are timed end to end, and ``measured ≈ a · compute +
+  b · memory + offset`` (the raw sums over convs/linears and over the other layers) is fitted by least squares (networks timed in interleaved rounds, fastest counts: ``networks_ms``).
   The masks are drawn from a seed the benchmark's validation masks do not use (benchmarks/latency_model.py
   reports the error on those).
 
@@ -57,7 +57,7 @@ from .surgery import prune_model
 
 FORMAT = "stamp_dist/latency/v1"
 DIVISIONS = 8  # a group of C channels keeps a multiple of C // DIVISIONS (or all): the table's grid
-CALIBRATION_MASKS = 4
+CALIBRATION_MASKS = 8
 CALIBRATION_SEED = 12345  # the calibration masks' seed (validation masks must use others)
 MIN_TIME_S = 0.002  # a timed sample runs the op enough times to last at least this long
 COLD_BYTES = 64 * 2**20  # CPU layer timings cycle through this many bytes of inputs (larger than the caches)
@@ -94,13 +94,20 @@ def architecture_fingerprint(model: nn.Module, groups: ChannelGroups, input_size
     return h.hexdigest()[:16]
 
 
+def timing_clock(device: torch.device) -> str:
+    """``cpu`` (process CPU time) for a single-threaded CPU forward: it is the latency of an idle machine even
+    on a busy one (on the project's shared 2-core machine wall time ran 3× over it under load, and varied ±50%
+    between runs); ``wall`` otherwise (more threads, CUDA)."""
+    return "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
+
+
 def environment(model: nn.Module, groups: ChannelGroups, input_size: Sequence[int], batch: int,
                 device: torch.device) -> dict:
     """What a table must agree on with the run that reads it."""
     return {"architecture": architecture_fingerprint(model, groups, input_size), "device_type": device.type,
             "device": device_name(device), "torch": torch.__version__,
             "threads": torch.get_num_threads() if device.type == "cpu" else None,
-            "batch": batch, "input_size": list(input_size)}
+            "batch": batch, "input_size": list(input_size), "clock": timing_clock(device)}
 
 
 def table_path(directory: str | Path, env: dict) -> Path:
@@ -168,7 +175,8 @@ def _measure_calls(model: nn.Module, groups: ChannelGroups, input_size: Sequence
         tied = call.inputs == call.outputs
         xs = _grid(call.inputs)
         ys = [1] if tied else _grid(call.outputs)
-        entries.append({"name": name, "inputs": [list(p) for p in call.inputs],
+        entries.append({"name": name, "compute": isinstance(module, (_ConvNd, nn.Linear)),
+                        "inputs": [list(p) for p in call.inputs],
                         "outputs": [list(p) for p in call.outputs], "tied": tied, "xs": xs, "ys": ys,
                         "ms": [[0.0] * len(ys) for _ in xs]})
         for i, x in enumerate(xs):
@@ -185,7 +193,8 @@ def _measure_calls(model: nn.Module, groups: ChannelGroups, input_size: Sequence
             if key not in memo:
                 layer = layer.to(device).eval()
                 xs = itertools.cycle(_cold_inputs(shape, device))
-                memo[key] = time_ms(lambda: layer(next(xs)), device, REPEATS, min_time=MIN_TIME_S, stat="min")
+                memo[key] = time_ms(lambda: layer(next(xs)), device, REPEATS, min_time=MIN_TIME_S, stat="min",
+                                    clock=timing_clock(device))
             entries[ci]["ms"][i][j] = memo[key]
             bar.update(1)
     return entries
@@ -223,7 +232,7 @@ def networks_ms(nets: Sequence[nn.Module], input_size: Sequence[int], batch: int
         for _ in range(rounds):
             for k, net in enumerate(nets):
                 best[k] = min(best[k], latency_ms(net, tuple(input_size), batch, repeats=REPEATS, warmup=2,
-                                                  stat="min"))
+                                                  stat="min", clock=timing_clock(next(net.parameters()).device)))
                 bar.update(1)
     return best
 
@@ -234,23 +243,38 @@ def measure_table(model: nn.Module, groups: ChannelGroups, input_size: Sequence[
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     table = {"format": FORMAT, "environment": env, "divisions": DIVISIONS, "calls": [],
-             "calibration": {"scale": 1.0, "offset": 0.0}}
+             "calibration": {"scales": [1.0, 1.0], "offset": 0.0}}
     table["calls"] = _measure_calls(model, groups, input_size, batch, device)
     uncalibrated = LatencyModel(groups, table)
     rng = np.random.default_rng(CALIBRATION_SEED)
     masks = [[torch.ones(c, dtype=torch.bool) for c in groups.sizes]] + \
         [random_masks(groups, rng) for _ in range(CALIBRATION_MASKS)]
-    raw = [float(uncalibrated.raw(torch.tensor([float(k.sum()) for k in keep], dtype=torch.float64)))
-           for keep in masks]
+    raw = np.array([uncalibrated.raw(torch.tensor([float(k.sum()) for k in keep], dtype=torch.float64)).tolist()
+                    for keep in masks])
     nets = [model if all(bool(k.all()) for k in keep) else prune_model(model, groups, keep) for keep in masks]
     measured = networks_ms(nets, input_size, batch, desc="latency calibration")
-    scale, offset = np.polyfit(raw, measured, 1) if len(set(raw)) > 1 else (measured[0] / raw[0], 0.0)
-    if scale <= 0:  # noise swamped the spread of the calibration networks: a plain ratio
-        scale, offset = float(np.sum(measured) / np.sum(raw)), 0.0
-    table["calibration"] = {"scale": float(scale), "offset": float(offset), "raw_ms": raw, "measured_ms": measured}
+    scales, offset = calibrate(raw, np.array(measured))
+    table["calibration"] = {"scales": scales, "offset": offset, "raw_ms": raw.tolist(), "measured_ms": measured}
     table["dense_ms"] = measured[0]
     table["seconds"] = time.perf_counter() - t0
     return table
+
+
+def calibrate(raw: np.ndarray, measured: np.ndarray) -> tuple[list[float], float]:
+    """``measured ≈ a · compute + b · memory + offset`` by least squares, over networks' raw (compute, memory)
+    sums: inside a network, memory-bound layers (BN, activations, pooling) slow down more against their isolated
+    timing than convs do. Positive scales, else one scale for both (``measured ≈ s · total + offset``), else a
+    plain ratio (noise swamped the spread of the calibration networks)."""
+    if len(raw) >= 4:
+        (a, b, c), *_ = np.linalg.lstsq(np.column_stack([raw, np.ones(len(raw))]), measured, rcond=None)
+        if a > 0 and b > 0:
+            return [float(a), float(b)], float(c)
+    total = raw.sum(1)
+    if len(set(total.tolist())) > 1:
+        scale, offset = np.polyfit(total, measured, 1)
+        if scale > 0:
+            return [float(scale)] * 2, float(offset)
+    return [float(measured.sum() / total.sum())] * 2, 0.0
 
 
 # --- the model ----------------------------------------------------------------------------------------
@@ -305,11 +329,14 @@ class LatencyModel:
         self.ms = torch.from_numpy(ms).reshape(len(entries), width * width)
         self.width = width
         self.steps = np.array([grid_step(c) for c in groups.sizes], dtype=np.int64)
-        self.scale, self.offset = table["calibration"]["scale"], table["calibration"]["offset"]
+        self.compute = torch.tensor([bool(e["compute"]) for e in entries])
+        self.scales = torch.tensor(table["calibration"]["scales"], dtype=torch.float64)
+        self.offset = float(table["calibration"]["offset"])
         self.dense = float(self(torch.tensor(groups.sizes, dtype=torch.float64)))
 
     def raw(self, counts: torch.Tensor) -> torch.Tensor:
-        """Sum of the interpolated per-call times for counts ``[..., G]`` (float64), uncalibrated."""
+        """Sums of the interpolated per-call times for counts ``[..., G]`` (float64), uncalibrated: ``[..., 2]``,
+        the compute-bound calls (convs, linears) and the others."""
         device = counts.device
         ext = torch.cat([counts.to(torch.float64), counts.new_ones(*counts.shape[:-1], 1, dtype=torch.float64)], -1)
         n_in, n_out = ext @ self.a_in.to(device).T, ext @ self.a_out.to(device).T
@@ -322,11 +349,12 @@ class LatencyModel:
 
         t = (at(0, 0) * (1 - wx) * (1 - wy) + at(1, 0) * wx * (1 - wy) + at(0, 1) * (1 - wx) * wy
              + at(1, 1) * wx * wy)
-        return t.sum(-1)
+        compute = self.compute.to(device)
+        return torch.stack([(t * compute).sum(-1), (t * ~compute).sum(-1)], -1)
 
     def __call__(self, counts: torch.Tensor) -> torch.Tensor:
         """Predicted latency (ms) of one forward pass at the table's batch size; differentiable in ``counts``."""
-        return self.scale * self.raw(counts) + self.offset
+        return self.raw(counts) @ self.scales.to(counts.device) + self.offset
 
     @torch.no_grad()
     def change(self, counts: np.ndarray, chunk: np.ndarray, sign: int) -> np.ndarray:
@@ -359,7 +387,7 @@ def check_table(table, env: dict, path: Path) -> None:
     stored = table["environment"]
     what = {"architecture": "another backbone architecture", "device": "another device", "device_type":
             "another device type", "torch": "another torch version", "threads": "another thread count",
-            "batch": "another batch size", "input_size": "another input size"}
+            "batch": "another batch size", "input_size": "another input size", "clock": "another clock"}
     for key, label in what.items():
         if stored.get(key) != env[key]:
             raise StampError(f"latency table {path} was measured for {label} ({key} {stored.get(key)!r}; this run: "
