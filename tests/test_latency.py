@@ -30,7 +30,7 @@ def tiny_grid(monkeypatch):
 def _net(width: int = 4, size: int = 8) -> PrunableBackbone:
     torch.manual_seed(0)
     model = build_backbone("convnet", 5, width=width, image_size=size).eval().requires_grad_(False)
-    return PrunableBackbone.build(model, {"image_size": size, "backbone": "convnet"})
+    return PrunableBackbone.build(model, {"image_size": size, "backbone": "convnet", "mean": [0.5] * 3, "std": [0.25] * 3})
 
 
 def _synthetic(net: PrunableBackbone, directory=None) -> latency.LatencyModel:
@@ -167,3 +167,68 @@ def test_prune_cli_with_a_latency_budget(tiny_grid, tiny_run, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: latency table") and f"delete {tables[0]}" in err
     assert not (tmp_path / "out2").exists()
+
+
+def test_bench_cells_of_a_latency_budget_are_apart_and_macs_cells_keep_their_keys(tiny_run):
+    from types import SimpleNamespace
+
+    from stamp_dist.bench import plan
+
+    source = SimpleNamespace(fingerprint="f")
+    macs_cfg = tiny_config(tiny_run, "bench.methods=[dense,l1]")
+    latency_cfg = tiny_config(tiny_run, "bench.methods=[dense,l1]", "prune.budget_kind=latency")
+    macs, lat = plan.plan_cells(macs_cfg), plan.plan_cells(latency_cfg)
+    assert macs[0] == lat[0] and macs[0].method == "dense"  # the dense reference serves both kinds
+    macs_key = plan.cell_key(macs[1], macs_cfg, source)
+    assert "budget_kind" not in macs_key and "latency_batch" not in macs_key  # as written before budgets had kinds
+    assert macs[1].path("out").name == "l1_b0.5_s0.json"
+    lat_key = plan.cell_key(lat[1], latency_cfg, source)
+    assert lat_key["budget_kind"] == "latency" and lat_key["latency_batch"] == 64
+    assert lat[1].path("out").name == "l1_b0.5_latency_s0.json"
+
+
+def test_an_episode_trained_for_latency_takes_its_budget_term_from_the_latency_model(tiny_grid):
+    from stamp_dist.config import MetaConfig
+    from stamp_dist.data.episodes import Task, build_episode
+    from stamp_dist.meta.objective import Stamp, StampSettings, episode_loss
+    from stamp_dist.models.generator import keep_probability
+
+    net = _net(width=8, size=16)
+    cfg = MetaConfig(encoder_dim=16, encoder_heads=2, encoder_inducing=4, generator_hidden=16, inner_steps=1,
+                     budget_kind="latency", latency_batch=4)
+    stamp = Stamp(net.backbone.feature_dim, net.groups.sizes, StampSettings.of(cfg))
+    assert stamp.settings.budget_kind == "latency"
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 255, (4, 3, 16, 16), dtype=torch.uint8, generator=gen) for _ in range(2)]
+    episode = build_episode(images, Task([0, 1], 0.4), k_shot=2)
+    out = episode_loss(net, stamp, episode, torch.Generator().manual_seed(1))
+    out.loss.backward()
+    assert net.budget("latency", 4) is net.budget("latency", 4)  # measured once
+    with torch.no_grad():
+        probs = [keep_probability(a) for a in stamp(stamp.read(net, net.norm(episode.support_x), 2), 0.4)]
+    want = cost_ratio(net.budget("latency", 4), probs)
+    assert float(out.expected_ratio) == pytest.approx(float(want), rel=1e-6)
+    assert float(out.expected_ratio) != pytest.approx(float(cost_ratio(net.cost, probs)), rel=1e-3)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in stamp.generator.parameters())
+
+
+@pytest.mark.slow
+def test_a_generator_trained_for_macs_prunes_at_a_latency_budget(tiny_grid, tiny_run, tiny_generator, tmp_path):
+    import stamp_dist
+    from stamp_dist.meta.artifact import load_generator, resolve
+
+    artifact = tmp_path / "generator"
+    shutil.copytree(resolve(tiny_generator), artifact)
+    record = json.loads((artifact / "generator.json").read_text())
+    del record["stamp"]["budget_kind"]  # an artifact from before budgets had kinds
+    (artifact / "generator.json").write_text(json.dumps(record))
+    assert load_generator(artifact).stamp.settings.budget_kind == "macs"
+    cfg = tiny_config(tiny_run, "prune.latency_batch=64")
+    report = stamp_dist.prune_with("stamp", tiny_run / "data/targets/digits", 0.95, tmp_path / "out", cfg,
+                                   generator=artifact, device="cpu", budget_kind="latency")
+    assert report["budget_kind"] == "latency" and report["latency_ratio_predicted"] <= 0.95 + 0.02
+    assert list(artifact.glob("latency-cpu-*-b64.json"))  # measured next to the generator's backbone
+    record["stamp"]["budget_kind"] = "flops"
+    (artifact / "generator.json").write_text(json.dumps(record))
+    with pytest.raises(StampError, match="budget_kind"):
+        load_generator(artifact)

@@ -18,7 +18,8 @@ activations), per-layer overheads, kernel efficiency. Like HALP and NetAdapt we 
 * **Calibration.** Isolated layers miss what the whole network adds (residual adds, Python dispatch,
   caches), so the dense network and ``CALIBRATION_MASKS`` random masks (per-group keep fractions uniform
   in [0.1, 1], physically pruned through surgery.py) are timed end to end, and ``measured ≈ a · compute +
-  b · memory + offset`` (the raw sums over convs/linears and over the other layers) is fitted by least squares (networks timed in interleaved rounds, fastest counts: ``networks_ms``).
+  b · memory + offset`` (the raw sums over convs/linears and over the other layers) is fitted by least squares
+  of the relative error (networks timed in interleaved rounds, fastest counts: ``networks_ms``).
   The masks are drawn from a seed the benchmark's validation masks do not use (benchmarks/latency_model.py
   reports the error on those).
 
@@ -57,7 +58,7 @@ from .surgery import prune_model
 
 FORMAT = "stamp_dist/latency/v1"
 DIVISIONS = 8  # a group of C channels keeps a multiple of C // DIVISIONS (or all): the table's grid
-CALIBRATION_MASKS = 8
+CALIBRATION_MASKS = 12
 CALIBRATION_SEED = 12345  # the calibration masks' seed (validation masks must use others)
 MIN_TIME_S = 0.002  # a timed sample runs the op enough times to last at least this long
 COLD_BYTES = 64 * 2**20  # CPU layer timings cycle through this many bytes of inputs (larger than the caches)
@@ -261,17 +262,22 @@ def measure_table(model: nn.Module, groups: ChannelGroups, input_size: Sequence[
 
 
 def calibrate(raw: np.ndarray, measured: np.ndarray) -> tuple[list[float], float]:
-    """``measured ≈ a · compute + b · memory + offset`` by least squares, over networks' raw (compute, memory)
-    sums: inside a network, memory-bound layers (BN, activations, pooling) slow down more against their isolated
-    timing than convs do. Positive scales, else one scale for both (``measured ≈ s · total + offset``), else a
-    plain ratio (noise swamped the spread of the calibration networks)."""
+    """``measured ≈ a · compute + b · memory + offset`` over networks' raw (compute, memory) sums, by least
+    squares of the *relative* error (what a budget is judged by; plain least squares lets the dense network
+    dominate): inside a network, memory-bound layers (BN, activations, pooling) slow down more against their
+    isolated timing than convs do. Positive scales, else one scale for both (``measured ≈ s · total +
+    offset``), else a plain ratio (noise swamped the spread of the calibration networks)."""
+    def fit(x: np.ndarray) -> np.ndarray:
+        a = np.column_stack([x, np.ones(len(x))]) / measured[:, None]
+        return np.linalg.lstsq(a, np.ones(len(x)), rcond=None)[0]
+
     if len(raw) >= 4:
-        (a, b, c), *_ = np.linalg.lstsq(np.column_stack([raw, np.ones(len(raw))]), measured, rcond=None)
+        a, b, c = fit(raw)
         if a > 0 and b > 0:
             return [float(a), float(b)], float(c)
     total = raw.sum(1)
     if len(set(total.tolist())) > 1:
-        scale, offset = np.polyfit(total, measured, 1)
+        scale, offset = fit(total[:, None])
         if scale > 0:
             return [float(scale)] * 2, float(offset)
     return [float(measured.sum() / total.sum())] * 2, 0.0
