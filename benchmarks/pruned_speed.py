@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 
 import stamp_dist
 from stamp_dist.config import load_config
-from stamp_dist.measure import latency_ms
+from stamp_dist.measure import CLOCKS, latency_ms
 from stamp_dist.pruning.latency import timing_clock
 
 METHODS = {"dense": ("dense", []), "random": ("random", []), "magnitude": ("magnitude", []),
@@ -38,19 +37,22 @@ METHODS = {"dense": ("dense", []), "random": ("random", []), "magnitude": ("magn
            "stamp-latency": ("stamp", ["prune.budget_kind=latency"])}
 
 
-def train_throughput(model: torch.nn.Module, input_size: tuple[int, int, int], batch: int, steps: int) -> float:
-    """Images per second of SGD steps (forward, cross-entropy, backward, update) on random images."""
+def train_throughput(model: torch.nn.Module, input_size: tuple[int, int, int], batch: int, steps: int,
+                     clock: str = "wall") -> float:
+    """Images per second of SGD steps (forward, cross-entropy, backward, update) on random images (``clock``: see
+    ``stamp_dist.measure.time_ms``)."""
+    now = CLOCKS[clock]
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(batch, *input_size)
     y = torch.randint(0, model.fc.out_features, (batch,))
     for i in range(steps + 2):  # 2 warm-up steps
         if i == 2:
-            t = time.perf_counter()
+            t = now()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    return batch * steps / (time.perf_counter() - t)
+    return batch * steps / (now() - t)
 
 
 def main() -> None:
@@ -85,7 +87,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for label, model in models.items():
                 latency[label].append(latency_ms(model, size, args.batch, repeats=10, stat=args.stat, clock=clock))
-                throughput[label].append(train_throughput(model, size, batch, steps=20))
+                throughput[label].append(train_throughput(model, size, batch, steps=20, clock=clock))
     pick = np.min if args.stat == "min" else np.median
     dense = float(pick(latency["dense"]))
     print(f"{args.target}, budget {args.budget}, {size[1]}x{size[2]}, CPU {platform.processor() or platform.machine()}, "

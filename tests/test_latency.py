@@ -232,3 +232,25 @@ def test_a_generator_trained_for_macs_prunes_at_a_latency_budget(tiny_grid, tiny
     (artifact / "generator.json").write_text(json.dumps(record))
     with pytest.raises(StampError, match="budget_kind"):
         load_generator(artifact)
+
+
+@pytest.mark.slow
+def test_bench_prunes_every_method_to_the_same_latency_budget(tiny_grid, tiny_run, tiny_generator, tmp_path):
+    from stamp_dist.bench import run
+
+    pretrain = tmp_path / "pretrain"
+    shutil.copytree(tiny_run / "pretrain", pretrain)  # the same weights: the generator's backbone
+    cfg = tiny_config(tiny_run, f"meta.out={tiny_generator}", f"bench.out={tmp_path / 'results'}",
+                      f"pretrain.out={pretrain}", f"bench.targets=[{tiny_run}/data/targets/digits]",
+                      "bench.methods=[dense,l1,stamp]", "bench.budgets=[0.9]", "prune.budget_kind=latency",
+                      "prune.latency_batch=64")
+    cells = run.run_bench(cfg, "cpu").cells
+    net = PrunableBackbone.load(pretrain, "cpu")
+    model = net.budget("latency", 64)  # the table the bench measured, read back
+    assert model.path.parent == pretrain
+    for cell in cells:
+        ratio = float(model(torch.tensor(cell.kept, dtype=torch.float64))) / model.dense
+        if cell.method == "dense":
+            assert ratio == pytest.approx(1.0) and "budget_kind" not in cell.key
+        else:
+            assert cell.key["budget_kind"] == "latency" and ratio <= 0.9 + 0.02
