@@ -254,3 +254,11 @@ def test_bench_prunes_every_method_to_the_same_latency_budget(tiny_grid, tiny_ru
             assert ratio == pytest.approx(1.0) and "budget_kind" not in cell.key
         else:
             assert cell.key["budget_kind"] == "latency" and ratio <= 0.9 + 0.02
+
+
+def test_round_to_defaults_to_what_suits_the_devices_kernels():
+    from stamp_dist.config import PruneConfig
+    from stamp_dist.downstream import default_round_to
+
+    assert PruneConfig().round_to is None  # unset: the device decides
+    assert default_round_to(torch.device("cuda")) == 8 and default_round_to(torch.device("cpu")) == 1
