@@ -61,9 +61,10 @@ def main() -> None:
     model = latency_model(net.backbone, net.groups, net.input_size, args.batch, directory)
     made = time.perf_counter() - t
     print(f"{args.backbone} at {net.input_size[1]}x{net.input_size[2]}, batch {args.batch}, {args.threads} thread(s), "
-          f"{device_name(net.device)}, torch {torch.__version__}, {model.table['environment']['clock']} clock; table {model.path or '(not cached)'} "
-          f"{'measured' if made > 1 else 'read'} in {made:.0f} s; calibration scales (compute, memory) "
-          f"{model.scales[0]:.3f}, {model.scales[1]:.3f}, offset {model.offset:.2f} ms; predicted dense {model.dense:.1f} ms")
+          f"{device_name(net.device)}, torch {torch.__version__}, {model.table['environment']['clock']} clock; "
+          f"table {model.path or '(not cached)'} {'measured' if made > 1 else 'read'} in {made:.0f} s; calibration "
+          f"scales (compute, memory) {model.scales[0]:.3f}, {model.scales[1]:.3f}, offset {model.offset:.2f} ms; "
+          f"predicted dense {model.dense:.1f} ms")
     rng = np.random.default_rng(args.seed)
     masks = [random_masks(net.groups, rng, on_grid=not args.off_grid) for _ in range(args.masks)]
     counts = [torch.tensor([float(m.sum()) for m in keep], dtype=torch.float64) for keep in masks]

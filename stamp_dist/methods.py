@@ -278,8 +278,9 @@ def prune_with(method: str, data: str | Path, budget: float, out: str | Path, cf
                device: str = "auto", budget_kind: str | None = None) -> dict:
     """Prune for the target dataset ``data`` with ``method`` (a name of ``METHODS``) at ``budget``, a fraction of
     the dense network's MACs or, with ``budget_kind="latency"`` (default ``prune.budget_kind``), of its latency
-    measured on ``device`` at ``prune.latency_batch`` images (pruning/latency.py), and write the pruned model to ``out``: ``model.safetensors`` + ``spec.json``, what `stamp finetune`,
-    `stamp export` and ``load_pruned`` read, whatever the method.
+    measured on ``device`` at ``prune.latency_batch`` images (pruning/latency.py), and write the pruned model
+    to ``out``: ``model.safetensors`` + ``spec.json``, what `stamp finetune`, `stamp export` and ``load_pruned``
+    read, whatever the method.
 
     STAMP prunes its generator's own backbone (``generator``: a meta-train run or a generator artifact);
     every other method prunes the pretrained backbone in ``backbone`` (default ``cfg.pretrain.out``) and
@@ -308,7 +309,8 @@ def prune_with(method: str, data: str | Path, budget: float, out: str | Path, cf
     target = load_target(data, p.samples_per_class, source.net.record)
     target.x, target.y = target.x.to(dev), target.y.to(dev)
     job = Job(target, target, budget, p.seed, cfg, lambda: _finetune_dense(source, job))
-    cost = job.cost(source)  # a latency table is read (or measured) before any method runs
+    # a latency table is read (or measured) before any method runs; dense keeps every channel whatever the kind
+    cost = job.cost(source) if m.prunes else source.net.budget("macs")
     pruned = m.prune(source, job)
     return _save(out, source, pruned, target, m.name, budget, time.perf_counter() - t0,
                  {**m.record(cfg, source), "seed": p.seed, **_budget_report(cost, pruned, source, p.latency_batch)})

@@ -30,7 +30,8 @@ def tiny_grid(monkeypatch):
 def _net(width: int = 4, size: int = 8) -> PrunableBackbone:
     torch.manual_seed(0)
     model = build_backbone("convnet", 5, width=width, image_size=size).eval().requires_grad_(False)
-    return PrunableBackbone.build(model, {"image_size": size, "backbone": "convnet", "mean": [0.5] * 3, "std": [0.25] * 3})
+    record = {"image_size": size, "backbone": "convnet", "mean": [0.5] * 3, "std": [0.25] * 3}
+    return PrunableBackbone.build(model, record)
 
 
 def _synthetic(net: PrunableBackbone, directory=None) -> latency.LatencyModel:

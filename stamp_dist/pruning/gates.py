@@ -56,7 +56,8 @@ class GateSettings:
 
 
 def learn_gate_logits(net: PrunableBackbone, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                      budget: float, gates: GateSettings, seed: int, cost: Budgeted | None = None) -> list[torch.Tensor]:
+                      budget: float, gates: GateSettings, seed: int,
+                      cost: Budgeted | None = None) -> list[torch.Tensor]:
     """Train per-channel gate logits (and a head) on ``images`` (normalised, on the backbone's device)
     and ``labels`` (``0..num_classes-1``) at ``budget`` of ``cost`` (default: the MACs); returns the final
     logits, one ``[C_g]`` tensor per group."""

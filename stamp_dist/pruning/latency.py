@@ -312,7 +312,8 @@ class LatencyModel:
         self.groups, self.table, self.path = groups, table, path
         entries = table["calls"]
         if [e["name"] for e in entries] != [c.name for c in groups.calls]:
-            raise StampError(f"latency table {path}: its layer calls differ from the network's; delete it to re-measure")
+            raise StampError(f"latency table {path}: its layer calls differ from the network's; delete it to "
+                             "re-measure")
         one = len(groups)
         width = max(2, *(len(e["xs"]) for e in entries), *(len(e["ys"]) for e in entries))
 
