@@ -1,5 +1,5 @@
 """The names a config may choose among: pruning methods, backbones, allocation and selection rules,
-statistics, transforms, priors.
+budget kinds, statistics, transforms, priors.
 
 They live in this small base module, apart from ``config.py``, so that the layers that implement
 them (``pruning/``, ``models/``, ``data/``) can check a name without importing the config, and so
@@ -40,6 +40,7 @@ BACKBONES = ("convnet", "resnet20", "resnet56", "resnet18", "resnet50", "vgg19_b
 # model.backbone may also name a factory of the user's own network: "package.module:function"
 _FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 ALLOCATIONS = ("learned", "uniform")  # prune.allocation: pruning/hardmask.py
+BUDGET_KINDS = ("macs", "latency")  # prune.budget_kind, meta.budget_kind: pruning/budget.py, pruning/latency.py
 TASK_TRANSFORMS = ("gray", "invert", "lowres")  # meta.task_transforms: data/transforms.py
 CHANNEL_STATS = ("activity", "fisher", "taylor", "redundancy")  # meta.stats: meta/set_inputs.py
 SELECTIONS = ("top", "sample")  # prune.selection: meta/objective.py hard_masks

@@ -8,7 +8,7 @@ import errno
 import sys
 from typing import Callable, Sequence
 
-from .choices import METHOD_NAMES
+from .choices import BUDGET_KINDS, METHOD_NAMES
 from .errors import EXIT_STOPPED, EXIT_USER_ERROR, StampError, Stopped
 
 CONVERT_SOURCES = ("imagefolder", "cifar10", "cifar100", "svhn", "numpy", "wds", "idx")
@@ -71,6 +71,8 @@ def _cmd_prune(args: argparse.Namespace) -> None:
             raise StampError(f"--adapt-steps {args.adapt_steps}: adaptation steps must be an integer >= 0; "
                              "0 uses the generator as is")
         p.adapt_steps = args.adapt_steps
+    if args.budget_kind is not None:
+        p.budget_kind = args.budget_kind
     # Flags of another method are ignored with a warning rather than refused: one command line can then be
     # rerun with each --method.
     for flag, value, used in (("--generator", args.generator, method.uses_generator),
@@ -81,9 +83,12 @@ def _cmd_prune(args: argparse.Namespace) -> None:
             print(f"warning: {flag} is not used by --method {method.name}; ignored", file=sys.stderr)
     report = prune_with(method.name, args.data, args.budget if args.budget is not None else p.budget, args.out, cfg,
                         generator=args.generator, backbone=args.backbone, device=cfg.runtime.device)
+    latency = "" if report["budget_kind"] != "latency" else (
+        f"; latency budget: {report['latency_ratio']:.3f} of dense measured at batch {report['latency_batch']} "
+        f"({report['latency_ratio_predicted']:.3f} predicted)")
     print(f"pruned model ({method.name}) → {args.out}: MACs {report['macs_ratio']:.3f} of dense, params "
           f"{report['params_ratio']:.3f}, latency (batch 64) {report['latency_ms_b64']:.1f} ms vs dense "
-          f"{report['dense_latency_ms_b64']:.1f} ms, made in {report['seconds_to_prune']:.2f} s")
+          f"{report['dense_latency_ms_b64']:.1f} ms{latency}, made in {report['seconds_to_prune']:.2f} s")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -102,7 +107,8 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     result = finetune(args.model, args.data, args.out, args.epochs if args.epochs is not None else f.epochs, f,
                       device=cfg.runtime.device, runtime=cfg.runtime)
     print(f"fine-tuned model → {args.out}: top-1 {result['top1']:.4f} on the test split "
-          f"({result['train_images']} training images, {result['seconds']:.1f} s)")
+          f"({result['train_images']} training images, {result['seconds']:.1f} s, "
+          f"{result['images_per_s']:.0f} images/s)")
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -209,7 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="every method but stamp: the pretrained backbone directory (default "
                    "pretrain.out); stamp prunes its generator's own backbone")
     p.add_argument("--data", required=True, help="target dataset directory (per-class shards)")
-    p.add_argument("--budget", type=float, help="fraction of dense MACs to keep, in (0, 1] (default prune.budget)")
+    p.add_argument("--budget", type=float, help="fraction of the dense network's MACs (or latency: --budget-kind) to "
+                   "keep, in (0, 1] (default prune.budget)")
+    p.add_argument("--budget-kind", choices=BUDGET_KINDS, help="what --budget is a fraction of: macs, or latency "
+                   "measured on this device at prune.latency_batch images (a table measured once and cached next "
+                   "to the backbone; default prune.budget_kind)")
     p.add_argument("--out", required=True, help="output directory for the pruned model (must not exist)")
     p.add_argument("--adapt-steps", type=int, help="stamp: generator adaptation steps on the target "
                    "(default prune.adapt_steps)")

@@ -16,8 +16,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from .choices import (ALLOCATIONS, BACKBONES, CHANNEL_STATS, METHOD_NAMES, PRIORS, SELECTIONS, TASK_TRANSFORMS,
-                      is_factory)
+from .choices import (ALLOCATIONS, BACKBONES, BUDGET_KINDS, CHANNEL_STATS, METHOD_NAMES, PRIORS, SELECTIONS,
+                      TASK_TRANSFORMS, is_factory)
 from .errors import StampError
 from .ranges import check_numbers
 
@@ -100,6 +100,11 @@ class MetaConfig:
     # otherwise) when pruning: "learned" (its probabilities decide) or "uniform" (every group keeps the same
     # fraction; the generator ranks channels within each group). See pruning/hardmask.py.
     allocation: str = "uniform"
+    # What a task's budget is a fraction of in training (the expected-cost term of the episode loss): "macs" or
+    # "latency" (the dense network's measured latency at latency_batch images on the training device:
+    # pruning/latency.py). Stored in the generator; at pruning, prune.budget_kind decides the hard masks.
+    budget_kind: str = "macs"
+    latency_batch: int = 64
     stats: list[str] = field(default_factory=lambda: list(CHANNEL_STATS))  # which statistics (CHANNEL_STATS)
     val_every: int = 50
     val_tasks: int = 20
@@ -115,7 +120,14 @@ class PruneConfig:
     adapt_steps: int = 0
     adapt_lr: float = 1e-2
     samples_per_class: int = 10  # images per class the set encoder reads
-    round_to: int = 1
+    # Kept channels per group are rounded to multiples of this (groups that have that many); None = what suits
+    # the device's kernels: 8 on CUDA, 1 on CPU (measured: no gain from rounding there, docs/BENCHMARKS.md).
+    round_to: Optional[int] = None
+    # What ``budget`` is a fraction of: "macs" (the dense network's MACs) or "latency" (its measured latency
+    # on this device at ``latency_batch`` images per forward pass; a table measured once per backbone, device,
+    # thread count and batch size and cached next to the backbone: pruning/latency.py).
+    budget_kind: str = "macs"
+    latency_batch: int = 64
     # How the budget is spread over channel groups (see meta.allocation); None = the generator's own.
     allocation: Optional[str] = None
     # Which channels the generator's keep probabilities choose: "top" (the most probable) or "sample" (a
@@ -242,6 +254,8 @@ CHOICES: dict[str, Sequence[Any]] = {
     "meta.allocation": ALLOCATIONS,
     "prune.allocation": (None, *ALLOCATIONS),
     "prune.selection": SELECTIONS,
+    "prune.budget_kind": BUDGET_KINDS,
+    "meta.budget_kind": BUDGET_KINDS,
     "runtime.backend": ("local", "ray"),
     "runtime.precision": ("fp32", "bf16"),
     "runtime.zero_stage": (0, 1, 2, 3),

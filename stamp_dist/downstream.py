@@ -23,6 +23,7 @@ from .errors import StampError
 from .meta.artifact import Generator
 from .meta.objective import episode_loss, hard_masks
 from .models.heads import prototype_head
+from .pruning.budget import Budgeted
 from .pruning.prunable import PrunableBackbone
 from .pruning.surgery import prune_model
 
@@ -78,13 +79,21 @@ def adapt_generator(gen: Generator, target: Target, budget: float, steps: int, l
     return stamp.eval()
 
 
-def stamp_masks(gen: Generator, stamp, target: Target, budget: float, p: PruneConfig) -> list[torch.Tensor]:
+def stamp_masks(gen: Generator, stamp, target: Target, budget: float, p: PruneConfig,
+                cost: Budgeted | None = None) -> list[torch.Tensor]:
     """Read the target sample with the frozen backbone and turn the generator's keep logits into hard
-    masks at ``budget`` under ``p``'s allocation (None = the generator's own), selection, round_to and seed."""
+    masks at ``budget`` of ``cost`` (default: the MACs) under ``p``'s allocation (None = the generator's own),
+    selection, round_to (None = the device's: ``default_round_to``) and seed."""
     net = gen.net
     x = net.norm(target.x.to(net.device))
-    return hard_masks(stamp, net.cost, stamp.read(net, x, target.num_classes), budget, p.round_to, p.allocation,
-                      p.selection, p.seed)
+    round_to = p.round_to if p.round_to is not None else default_round_to(net.device)
+    return hard_masks(stamp, net.cost if cost is None else cost, stamp.read(net, x, target.num_classes), budget,
+                      round_to, p.allocation, p.selection, p.seed)
+
+
+def default_round_to(device: torch.device) -> int:
+    """``prune.round_to`` when unset: multiples of 8 channels suit GPU kernels (tensor cores); 1 on CPU."""
+    return 8 if device.type == "cuda" else 1
 
 
 @torch.no_grad()

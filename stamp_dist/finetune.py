@@ -28,7 +28,8 @@ def finetune_model(model: torch.nn.Module, train: tuple[Images, torch.Tensor],
     seconds = time.perf_counter() - t
     top1 = evaluate(model, *evaluation, norm, 2 * schedule.batch_size, device, workers)
     return {"top1": top1, "top1_before": before, "seconds": seconds, "epochs": schedule.epochs,
-            "train_images": len(train[1]), "eval_images": len(evaluation[1]), "history": history}
+            "train_images": len(train[1]), "eval_images": len(evaluation[1]), "history": history,
+            "images_per_s": schedule.epochs * len(train[1]) / seconds if seconds > 0 else 0.0}
 
 
 def finetune(model_dir: str | Path, data: str | Path, out: str | Path, epochs: int, cfg: FinetuneConfig,

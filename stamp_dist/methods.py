@@ -36,8 +36,10 @@ from .finetune import finetune_model
 from .measure import count_macs_params, latency_ms
 from .meta.artifact import Generator, load_generator
 from .pruning.baselines import SCORES, Score, baseline_masks, dense_masks, l1_scores
+from .pruning.budget import BudgetCost, kept_counts
 from .pruning.gates import GateSettings, gate_masks
 from .pruning.hardmask import check_budget, uniform_ratio_masks
+from .pruning.latency import networks_ms
 from .pruning.prunable import PrunableBackbone
 from .pruning.spec import PruningSpec, save_pruned
 from .pruning.surgery import prune_model
@@ -111,8 +113,13 @@ class Job:
     batch: Target  # what the one-shot methods and every prototype head read, on the source's device
     budget: float
     seed: int
-    cfg: StampConfig  # prune (STAMP), meta + bench.gate_* (learn_gates), finetune (train_prune)
+    cfg: StampConfig  # prune (STAMP; budget_kind for all), meta + bench.gate_* (learn_gates), finetune (train_prune)
     dense_finetuned: Callable[[], Finetuned]  # train_prune's first stage (the bench shares it with dense)
+
+    def cost(self, source: Source) -> BudgetCost:
+        """What ``budget`` is a fraction of (``prune.budget_kind``): the source backbone's MACs or measured latency."""
+        p = self.cfg.prune
+        return source.net.budget(p.budget_kind, p.latency_batch)
 
 
 class PruningMethod(ABC):
@@ -178,8 +185,8 @@ class ScoreMethod(MaskMethod):
         model = net.backbone
         if self.score.reads_loss:  # the target's loss needs a head for the target
             model = build_pruned(net, dense_masks(net.groups), job.batch)
-        return baseline_masks(self.name, model, net.groups, net.cost, job.budget, net.norm(job.batch.x), job.batch.y,
-                              job.seed)
+        return baseline_masks(self.name, model, net.groups, job.cost(source), job.budget, net.norm(job.batch.x),
+                              job.batch.y, job.seed)
 
 
 class TrainPrune(PruningMethod):
@@ -190,7 +197,7 @@ class TrainPrune(PruningMethod):
     def prune(self, source: Source, job: Job) -> Pruned:
         dense = job.dense_finetuned()
         t = time.perf_counter()
-        masks = uniform_ratio_masks(l1_scores(dense.pruned.model, source.net.groups), source.net.cost, job.budget)
+        masks = uniform_ratio_masks(l1_scores(dense.pruned.model, source.net.groups), job.cost(source), job.budget)
         t_masks = time.perf_counter() - t
         t = time.perf_counter()
         model = prune_model(dense.pruned.model, source.net.groups, masks)  # keeps the fine-tuned head
@@ -214,7 +221,7 @@ class LearnGates(MaskMethod):
         gates = GateSettings(m.tau, m.straight_through, m.prior, m.prior_keep, m.prior_weight, m.budget_weight,
                              b.gate_steps, b.gate_lr, b.gate_batch)
         return gate_masks(net, net.norm(job.sample.x.to(net.device)), job.sample.y.to(net.device),
-                          job.sample.num_classes, job.budget, gates, job.seed)
+                          job.sample.num_classes, job.budget, gates, job.seed, job.cost(source))
 
 
 class Stamp(MaskMethod):
@@ -241,7 +248,7 @@ class Stamp(MaskMethod):
             else gen.stamp
         seeded = copy.deepcopy(p)
         seeded.seed = job.seed  # a sampled mask is drawn from the job's seed, like every other random choice
-        return stamp_masks(gen, stamp, job.batch, job.budget, seeded)
+        return stamp_masks(gen, stamp, job.batch, job.budget, seeded, job.cost(source))
 
 
 METHODS: dict[Method, PruningMethod] = {m.name: m for m in (
@@ -268,10 +275,12 @@ def _finetune_dense(source: Source, job: Job) -> Finetuned:
 
 def prune_with(method: str, data: str | Path, budget: float, out: str | Path, cfg: StampConfig | None = None,
                generator: str | Path | None = None, backbone: str | Path | None = None,
-               device: str = "auto") -> dict:
-    """Prune for the target dataset ``data`` with ``method`` (a name of ``METHODS``) at MACs ratio ``budget``
-    and write the pruned model to ``out``: ``model.safetensors`` + ``spec.json``, what `stamp finetune`,
-    `stamp export` and ``load_pruned`` read, whatever the method.
+               device: str = "auto", budget_kind: str | None = None) -> dict:
+    """Prune for the target dataset ``data`` with ``method`` (a name of ``METHODS``) at ``budget``, a fraction of
+    the dense network's MACs or, with ``budget_kind="latency"`` (default ``prune.budget_kind``), of its latency
+    measured on ``device`` at ``prune.latency_batch`` images (pruning/latency.py), and write the pruned model
+    to ``out``: ``model.safetensors`` + ``spec.json``, what `stamp finetune`, `stamp export` and ``load_pruned``
+    read, whatever the method.
 
     STAMP prunes its generator's own backbone (``generator``: a meta-train run or a generator artifact);
     every other method prunes the pretrained backbone in ``backbone`` (default ``cfg.pretrain.out``) and
@@ -281,6 +290,8 @@ def prune_with(method: str, data: str | Path, budget: float, out: str | Path, cf
     Returns the report (MACs, params, latency, seconds to produce the model), also stored in the spec.
     """
     cfg = OmegaConf.structured(StampConfig if cfg is None else cfg)
+    if budget_kind is not None:
+        cfg.prune.budget_kind = budget_kind
     validate(cfg)  # a config built in Python skipped load_config
     m = method_named(method)
     budget = budget if m.prunes else 1.0
@@ -298,16 +309,31 @@ def prune_with(method: str, data: str | Path, budget: float, out: str | Path, cf
     target = load_target(data, p.samples_per_class, source.net.record)
     target.x, target.y = target.x.to(dev), target.y.to(dev)
     job = Job(target, target, budget, p.seed, cfg, lambda: _finetune_dense(source, job))
+    # a latency table is read (or measured) before any method runs; dense keeps every channel whatever the kind
+    cost = job.cost(source) if m.prunes else source.net.budget("macs")
     pruned = m.prune(source, job)
     return _save(out, source, pruned, target, m.name, budget, time.perf_counter() - t0,
-                 {**m.record(cfg, source), "seed": p.seed})
+                 {**m.record(cfg, source), "seed": p.seed, **_budget_report(cost, pruned, source, p.latency_batch)})
+
+
+def _budget_report(cost: BudgetCost, pruned: Pruned, source: Source, batch: int) -> dict:
+    """The budget's kind and, for a latency budget, the predicted and measured latency ratio of the pruned network
+    at the budget's batch size (measured as the table's calibration networks are: ``networks_ms``)."""
+    if cost.kind != "latency":
+        return {"budget_kind": cost.kind}
+    size = source.net.input_size
+    pruned_ms, dense_ms = networks_ms([pruned.model, source.net.backbone], size, batch)
+    predicted = float(cost(kept_counts(cost.groups, [m.cpu() for m in pruned.masks]))) / cost.dense
+    return {"budget_kind": cost.kind, "latency_batch": batch, "latency_ratio_predicted": predicted,
+            f"latency_ms_b{batch}_measured": pruned_ms, f"dense_latency_ms_b{batch}_measured": dense_ms,
+            "latency_ratio": pruned_ms / dense_ms, "latency_table": str(cost.path) if cost.path else None}
 
 
 def prune(generator: str | Path, data: str | Path, budget: float, out: str | Path, cfg: PruneConfig | None = None,
           device: str = "auto") -> dict:
-    """Prune the generator's backbone for the target dataset ``data`` at MACs ratio ``budget`` with STAMP;
+    """Prune the generator's backbone for the target dataset ``data`` at ``budget`` (of ``cfg.budget_kind``) with STAMP;
     write the pruned model to ``out``. ``cfg`` (the ``prune`` config section; defaults if None) sets the
-    sample size, adaptation steps, allocation, selection, round_to and seed. Returns the report (MACs,
+    sample size, budget kind, adaptation steps, allocation, selection, round_to and seed. Returns the report (MACs,
     params, latency, seconds to produce the model). Other methods: ``prune_with``."""
     return prune_with(Method.STAMP, data, budget, out, StampConfig(prune=PruneConfig() if cfg is None else cfg),
                       generator=generator, device=device)

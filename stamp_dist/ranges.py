@@ -105,6 +105,8 @@ RANGES: dict[str, Range] = {
     "prune.adapt_lr": POSITIVE,
     "prune.samples_per_class": COUNT,
     "prune.round_to": COUNT,
+    "prune.latency_batch": COUNT,
+    "meta.latency_batch": COUNT,
     "prune.seed": SEED,
     "finetune.epochs": COUNT,
     "finetune.batch_size": at_least(2),

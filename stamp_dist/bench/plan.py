@@ -21,18 +21,21 @@ class Cell:
     epochs: int  # fine-tune epochs of this regime
     seed: int
     method: str
-    budget: float  # MACs ratio; 1.0 for dense
+    budget: float  # a fraction of the dense network's MACs (or latency); 1.0 for dense
+    budget_kind: str = "macs"  # prune.budget_kind ("macs" for dense: its cells serve both kinds)
 
     @property
     def target_name(self) -> str:
         return Path(self.target).name
 
     def path(self, out: str | Path) -> Path:
-        name = f"{self.method}_b{self.budget:g}_s{self.seed}.json"
+        kind = "" if self.budget_kind == "macs" else f"_{self.budget_kind}"
+        name = f"{self.method}_b{self.budget:g}{kind}_s{self.seed}.json"
         return Path(out) / self.target_name / f"tpc{self.train_per_class}" / name
 
     def label(self) -> str:
-        return (f"{self.method} | {self.target_name} | b={self.budget:g} | {regime_name(self.train_per_class)} "
+        kind = "" if self.budget_kind == "macs" else f" {self.budget_kind}"
+        return (f"{self.method} | {self.target_name} | b={self.budget:g}{kind} | {regime_name(self.train_per_class)} "
                 f"| seed {self.seed}")
 
 
@@ -51,9 +54,11 @@ def plan_cells(cfg: StampConfig) -> list[Cell]:
         for per_class, e, n in zip(regimes, epochs, counts):
             for seed in b.seeds[:n]:
                 for method in b.methods:
-                    for budget in b.budgets if METHODS[method].prunes else [1.0]:
+                    prunes = METHODS[method].prunes
+                    kind = cfg.prune.budget_kind if prunes else "macs"
+                    for budget in b.budgets if prunes else [1.0]:
                         check_budget(budget)
-                        cells.append(Cell(target, per_class, e, seed, method, float(budget)))
+                        cells.append(Cell(target, per_class, e, seed, method, float(budget), kind))
     return cells
 
 
@@ -61,7 +66,12 @@ def plan_cells(cfg: StampConfig) -> list[Cell]:
 def cell_key(cell: Cell, cfg: StampConfig, source: Source) -> dict:
     """Everything the cell's result depends on (see the package docstring)."""
     f, b = cfg.finetune, cfg.bench
-    key = {**asdict(cell), "backbone": source.fingerprint, "eval_per_class": b.eval_per_class,
+    cell_fields = asdict(cell)
+    if cell.budget_kind == "macs":  # the keys of MACs cells stay those written before budgets had kinds
+        del cell_fields["budget_kind"]
+    else:
+        cell_fields["latency_batch"] = cfg.prune.latency_batch
+    key = {**cell_fields, "backbone": source.fingerprint, "eval_per_class": b.eval_per_class,
            "pruning_batch_per_class": cfg.prune.samples_per_class,
            "finetune": {k: getattr(f, k) for k in ("batch_size", "lr", "backbone_lr", "momentum", "weight_decay",
                                                    "augment", "flip")}}

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..atomic import atomic_dir, read_json, restore_interrupted, write_json
-from ..choices import ALLOCATIONS, CHANNEL_STATS, PRIORS
+from ..choices import ALLOCATIONS, BUDGET_KINDS, CHANNEL_STATS, PRIORS
 from ..config import MetaConfig
 from ..errors import StampError
 from ..integrity import HASH_KEY, load_tensors, save_tensors
@@ -107,7 +107,8 @@ def _version(pointer: Any, path: Path) -> str:
 def _settings(info: dict, path: Path, fix: str) -> StampSettings:
     """The module's settings, checked: its own record (``stamp``) from v2 on. A v1 artifact held only the
     run's meta config, whose keys they are; generators saved before ``meta.channel_stats`` / ``meta.stats`` /
-    ``meta.allocation`` existed were built without statistics / with the first two / with the learned allocation."""
+    ``meta.allocation`` existed were built without statistics / with the first two / with the learned allocation,
+    and those saved before ``meta.budget_kind`` were trained for MACs (the settings' default)."""
     if info["format"] != V1:
         check_record(info, {"stamp": dict}, path, fix)
     legacy = {"channel_stats": False, "stats": list(LEGACY_STATS), "allocation": "learned"}
@@ -120,9 +121,10 @@ def _settings(info: dict, path: Path, fix: str) -> StampSettings:
     except (OmegaConfBaseException, TypeError, StampError) as e:
         raise StampError(f"{path}: its STAMP settings are invalid ({str(e).splitlines()[0]}); {fix}") from None
     if (settings.encoder_dim % settings.encoder_heads or settings.allocation not in ALLOCATIONS
-            or settings.prior not in PRIORS or not set(settings.stats) <= set(CHANNEL_STATS)):
+            or settings.prior not in PRIORS or not set(settings.stats) <= set(CHANNEL_STATS)
+            or settings.budget_kind not in BUDGET_KINDS):
         raise StampError(f"{path}: its STAMP settings are invalid (encoder_dim a multiple of encoder_heads, allocation, "
-                         f"prior and stats among the choices of meta.*); {fix}")
+                         f"prior, stats and budget_kind among the choices of meta.*); {fix}")
     return settings
 
 

@@ -1,8 +1,9 @@
 """One STAMP episode: encode the support set, generate a mask, adapt a head, score the query set.
 
-Outer loss = CE(query | adapted head, masked backbone) + β·prior + λ·(E[MACs ratio] − b)².
-Gradients reach the set encoder and the generator through the relaxed mask samples ``z`` (which
-gate the backbone's channels) and through the expected MACs ratio (which depends on ``p``).
+Outer loss = CE(query | adapted head, masked backbone) + β·prior + λ·(E[cost ratio] − b)², the cost being
+the MACs or the measured latency (``meta.budget_kind``: pruning/budget.py). Gradients reach the set encoder
+and the generator through the relaxed mask samples ``z`` (which gate the backbone's channels) and through
+the expected cost ratio (which depends on ``p``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..models.generator import (MaskGenerator, budget_penalty, hard_concrete_sam
                                 prior_kl)
 from ..models.set_encoder import SetEncoder
 from ..pruning.hardmask import hard_mask
-from ..pruning.macs import CostModel
+from ..pruning.budget import Budgeted, cost_ratio
 from ..pruning.masking import masked
 from ..pruning.prunable import PrunableBackbone
 from .set_inputs import SetInputs, read_set
@@ -52,6 +53,10 @@ class StampSettings:
     inner_lr: float
     first_order: bool
     adapt_backbone: bool
+    # What the budgets it was trained with are fractions of (meta.budget_kind; artifacts older than this key
+    # were trained for MACs) and the batch size of a latency budget.
+    budget_kind: str = "macs"
+    latency_batch: int = 64
 
     @classmethod
     def of(cls, meta: MetaConfig) -> "StampSettings":
@@ -74,7 +79,7 @@ class Stamp(nn.Module):
                                        channel_stats=len(self.stats), uniform=settings.allocation == "uniform")
 
     def forward(self, inputs: SetInputs, budget: float) -> list[torch.Tensor]:
-        """What was read from a set (:func:`read_set`) and a MACs budget → per-group keep-logits."""
+        """What was read from a set (:func:`read_set`) and a budget → per-group keep-logits."""
         return self.generator(self.encoder(inputs.features), budget,
                               inputs.channel_stats if self.stats else None)
 
@@ -158,7 +163,7 @@ def episode_loss(net: PrunableBackbone, stamp: Stamp, episode: Episode,
     sx, sy, qx, qy = _episode_tensors(episode, net, next(stamp.parameters()).device)
     logits = stamp(stamp.read(net, sx, episode.n_way), episode.budget)
     z = [hard_concrete_sample(a, cfg.tau, generator=generator, straight_through=cfg.straight_through) for a in logits]
-    ratio = net.cost.macs([keep_probability(a) for a in logits]) / net.cost.dense_macs
+    ratio = cost_ratio(net.budget(cfg.budget_kind, cfg.latency_batch), [keep_probability(a) for a in logits])
     out = adapted_logits(net, z, sx, sy, qx, episode.n_way, cfg)
     ce = F.cross_entropy(out, qy)
     prior = prior_kl(logits, cfg.prior, prior_keep_rate(cfg.prior_keep, episode.budget))
@@ -179,7 +184,7 @@ def check_finite(out: EpisodeOutput, step: int) -> None:
 
 
 @torch.no_grad()
-def hard_masks(stamp: Stamp, cost: CostModel, inputs: SetInputs, budget: float, round_to: int = 1,
+def hard_masks(stamp: Stamp, cost: Budgeted, inputs: SetInputs, budget: float, round_to: int = 1,
                allocation: str | None = None, selection: str = "top", seed: int = 0):
     """Hard masks meeting ``budget`` from the generator's keep logits (``allocation``: see
     pruning/hardmask.py; None = the one the generator was trained for).
@@ -207,10 +212,11 @@ def gumbel_noise(shape, generator: torch.Generator) -> torch.Tensor:
 
 def validate_episode(net: PrunableBackbone, stamp: Stamp, episode: Episode) -> tuple[float, float]:
     """Meta-validation score: query accuracy with the HARD mask at the task's budget after the
-    inner steps; returns ``(accuracy, achieved MACs ratio)``."""
+    inner steps; returns ``(accuracy, achieved cost ratio)`` (the budget kind it is trained for)."""
     sx, sy, qx, qy = _episode_tensors(episode, net, next(stamp.parameters()).device)
+    cost = net.budget(stamp.settings.budget_kind, stamp.settings.latency_batch)
     with torch.no_grad():
-        masks = [m.float() for m in hard_masks(stamp, net.cost, stamp.read(net, sx, episode.n_way), episode.budget)]
+        masks = [m.float() for m in hard_masks(stamp, cost, stamp.read(net, sx, episode.n_way), episode.budget)]
     out = adapted_logits(net, masks, sx, sy, qx, episode.n_way, stamp.settings).detach()
-    ratio = float(net.cost.macs(masks) / net.cost.dense_macs)
+    ratio = float(cost_ratio(cost, masks))
     return float((out.argmax(1) == qy).float().mean()), ratio

@@ -3,8 +3,9 @@
 Choice (why this one): per-channel hard-concrete keep gates with free logits, trained from scratch on
 the target sample, with exactly STAMP's mask distribution and loss terms — ``hard_concrete_sample``
 at temperature ``meta.tau`` (straight-through if ``meta.straight_through``), the sparsity prior
-``meta.prior`` weighted by ``meta.prior_weight``, and the budget penalty on the expected MACs ratio
-under ``p = sigmoid(a)`` weighted by ``meta.budget_weight`` — and the same hard-mask rule
+``meta.prior`` weighted by ``meta.prior_weight``, and the budget penalty on the expected cost ratio (MACs, or
+measured latency with ``prune.budget_kind=latency``: pruning/budget.py) under ``p = sigmoid(a)`` weighted by
+``meta.budget_weight`` — and the same hard-mask rule
 (``budget_mask`` on ``p``). What it lacks is only what STAMP meta-learns: the set encoder and
 generator that predict the logits for a new task. (A freshly initialised STAMP generator would add
 an encoder and trunk whose input, one task embedding, is constant on a single target: free logits
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from ..models.heads import prototype_head
 from ..models.generator import (budget_offset, budget_penalty, hard_concrete_sample, keep_probability, prior_keep_rate,
                                 prior_kl)
+from .budget import Budgeted, cost_ratio
 from .hardmask import budget_mask, check_budget
 from .masking import masked
 from .prunable import PrunableBackbone
@@ -54,11 +56,14 @@ class GateSettings:
 
 
 def learn_gate_logits(net: PrunableBackbone, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                      budget: float, gates: GateSettings, seed: int) -> list[torch.Tensor]:
+                      budget: float, gates: GateSettings, seed: int,
+                      cost: Budgeted | None = None) -> list[torch.Tensor]:
     """Train per-channel gate logits (and a head) on ``images`` (normalised, on the backbone's device)
-    and ``labels`` (``0..num_classes-1``); returns the final logits, one ``[C_g]`` tensor per group."""
+    and ``labels`` (``0..num_classes-1``) at ``budget`` of ``cost`` (default: the MACs); returns the final
+    logits, one ``[C_g]`` tensor per group."""
     check_budget(budget)
-    backbone, groups, cost, device = net.backbone, net.groups, net.cost, images.device
+    backbone, groups, device = net.backbone, net.groups, images.device
+    cost = net.cost if cost is None else cost
     was_training = backbone.training
     backbone.eval()
     init = float(budget_offset(torch.tensor(budget, dtype=torch.float64)))
@@ -76,7 +81,7 @@ def learn_gate_logits(net: PrunableBackbone, images: torch.Tensor, labels: torch
                  for a in logits]
             with masked(backbone, groups, z):
                 out = F.linear(backbone.forward_features(images[idx]), weight, bias)
-            ratio = cost.macs([keep_probability(a) for a in logits]) / cost.dense_macs
+            ratio = cost_ratio(cost, [keep_probability(a) for a in logits])
             prior = prior_kl(logits, gates.prior, prior_keep_rate(gates.prior_keep, budget))
             loss = (F.cross_entropy(out, labels[idx]) + gates.prior_weight * prior
                     + gates.budget_weight * budget_penalty(ratio, budget))
@@ -89,7 +94,9 @@ def learn_gate_logits(net: PrunableBackbone, images: torch.Tensor, labels: torch
 
 
 def gate_masks(net: PrunableBackbone, images: torch.Tensor, labels: torch.Tensor, num_classes: int, budget: float,
-               gates: GateSettings, seed: int) -> list[torch.Tensor]:
-    """Hard keep masks at ``budget`` from gates learned on the target (STAMP's hard-mask rule)."""
-    logits = learn_gate_logits(net, images, labels, num_classes, budget, gates, seed)
-    return budget_mask([keep_probability(a) for a in logits], net.cost, budget)
+               gates: GateSettings, seed: int, cost: Budgeted | None = None) -> list[torch.Tensor]:
+    """Hard keep masks at ``budget`` of ``cost`` (default: the MACs) from gates learned on the target (STAMP's
+    hard-mask rule)."""
+    cost = net.cost if cost is None else cost
+    logits = learn_gate_logits(net, images, labels, num_classes, budget, gates, seed, cost)
+    return budget_mask([keep_probability(a) for a in logits], cost, budget)

@@ -1,5 +1,6 @@
-"""A pretrained backbone as every pruner sees it: the network, its record, channel groups, MACs model and
-input normalisation, assembled in one place (``PrunableBackbone.load`` / ``.build``).
+"""A pretrained backbone as every pruner sees it: the network, its record, channel groups, MACs model (and, on
+demand, its measured latency model: ``budget``) and input normalisation, assembled in one place
+(``PrunableBackbone.load`` / ``.build``).
 
 The meta-trainer, the generator artifact, the methods' ``Source`` and the bench all prune through one of
 these; it lives in the pruning layer so that each of them can import it.
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -20,7 +21,11 @@ from ..data.readers import Normalization
 from ..devices import bound_host_allocator
 from ..models.backbones import Backbone
 from ..models.saved import load_backbone
+from ..choices import BUDGET_KINDS
+from ..errors import StampError
+from .budget import BudgetCost, MacsBudget
 from .groups import ChannelGroups, discover_groups
+from .latency import latency_model
 from .macs import CostModel
 from .masking import masked
 
@@ -35,6 +40,7 @@ class PrunableBackbone:
     # Images per forward pass when reading a set or scoring an episode (``runtime.micro_batch``; 0 = all at
     # once): memory then grows with this, not with the episode or the target sample.
     micro_batch: int = 0
+    _latency: dict = field(default_factory=dict, repr=False)  # batch size → LatencyModel
 
     @classmethod
     def build(cls, backbone: Backbone, record: dict, path: Path | None = None) -> "PrunableBackbone":
@@ -72,6 +78,18 @@ class PrunableBackbone:
                                             any(p.requires_grad for p in self.backbone.parameters()))
         return torch.cat([checkpoint(run, c, *ms, use_reentrant=False) if grad else run(c, *ms)
                           for c in x.split(self.micro_batch)])
+
+    def budget(self, kind: str = "macs", batch: int = 64) -> BudgetCost:
+        """What a budget of ``kind`` is a fraction of: the MACs, or the latency at ``batch`` images on this
+        backbone's device, measured once and cached next to the backbone (``path``) as a table that later runs
+        read (pruning/latency.py)."""
+        if kind not in BUDGET_KINDS:
+            raise StampError(f"unknown budget kind {kind!r}; choose one of {', '.join(BUDGET_KINDS)}")
+        if kind == "macs":
+            return MacsBudget(self.cost)
+        if batch not in self._latency:
+            self._latency[batch] = latency_model(self.backbone, self.groups, self.input_size, batch, self.path)
+        return self._latency[batch]
 
     @property
     def device(self) -> torch.device:
