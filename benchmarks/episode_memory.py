@@ -25,25 +25,35 @@ import time
 import torch
 
 
-def one_step(backbone_name: str, size: int, n_way: int, shots: int, micro_batch: int, bounded: bool) -> dict:
+def build_step(backbone_name: str, size: int, n_way: int, shots: int, micro_batch: int,
+               device: str | torch.device = "cpu"):
+    """A random backbone as a ``PrunableBackbone`` (on ``device``), a default STAMP module and a random
+    ``n_way``-way episode of ``shots`` + ``shots`` images per class: what one meta-step works on."""
     from stamp_dist.config import MetaConfig
-    from stamp_dist.devices import bound_host_allocator
     from stamp_dist.data.episodes import Task, build_episode
-    from stamp_dist.meta.objective import Stamp, StampSettings, episode_loss
+    from stamp_dist.meta.objective import Stamp, StampSettings
     from stamp_dist.models.backbones import build_backbone
     from stamp_dist.pruning.prunable import PrunableBackbone
 
     record = {"backbone": backbone_name, "width": 16, "num_classes": 1000, "image_size": size,
               "mean": [0.5] * 3, "std": [0.25] * 3}
-    net = PrunableBackbone.build(build_backbone(backbone_name, 1000).eval().requires_grad_(False), record)
+    backbone = build_backbone(backbone_name, 1000).to(device).eval().requires_grad_(False)
+    net = PrunableBackbone.build(backbone, record)
     net.micro_batch = micro_batch
-    if bounded:  # what PrunableBackbone.load does for a micro-batched run
-        bound_host_allocator()
-    stamp = Stamp(net.backbone.feature_dim, net.groups.sizes, StampSettings.of(MetaConfig()))
+    stamp = Stamp(net.backbone.feature_dim, net.groups.sizes, StampSettings.of(MetaConfig())).to(device)
     gen = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 255, (2 * shots, 3, size, size), dtype=torch.uint8, generator=gen)
               for _ in range(n_way)]
-    episode = build_episode(images, Task(list(range(n_way)), 0.3), k_shot=shots)
+    return net, stamp, build_episode(images, Task(list(range(n_way)), 0.3), k_shot=shots)
+
+
+def one_step(backbone_name: str, size: int, n_way: int, shots: int, micro_batch: int, bounded: bool) -> dict:
+    from stamp_dist.devices import bound_host_allocator
+    from stamp_dist.meta.objective import episode_loss
+
+    if bounded:  # what PrunableBackbone.load does for a micro-batched run
+        bound_host_allocator()
+    net, stamp, episode = build_step(backbone_name, size, n_way, shots, micro_batch)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
     t0 = time.perf_counter()
     episode_loss(net, stamp, episode, torch.Generator().manual_seed(1)).loss.backward()
