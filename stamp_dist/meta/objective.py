@@ -25,7 +25,7 @@ from ..models.generator import (MaskGenerator, budget_penalty, hard_concrete_sam
                                 prior_kl)
 from ..models.set_encoder import SetEncoder
 from ..pruning.hardmask import hard_mask
-from ..pruning.budget import Budgeted, cost_ratio
+from ..pruning.budget import Budgeted, BudgetCost, cost_ratio
 from ..pruning.masking import masked
 from ..pruning.prunable import PrunableBackbone
 from .set_inputs import SetInputs, read_set
@@ -86,6 +86,10 @@ class Stamp(nn.Module):
     def allocation_for(self, configured: str | None) -> str:
         """``prune.allocation`` when set, else the allocation this generator was trained with."""
         return configured or self.allocation
+
+    def cost(self, net: PrunableBackbone) -> BudgetCost:
+        """What this module's budgets are fractions of on ``net``: the kind it is trained for (``budget_kind``)."""
+        return net.budget(self.settings.budget_kind, self.settings.latency_batch)
 
     def read(self, net: PrunableBackbone, x: torch.Tensor, n_way: int) -> SetInputs:
         """What this module reads from a set of normalised, class-grouped images (:func:`read_set`)."""
@@ -163,7 +167,7 @@ def episode_loss(net: PrunableBackbone, stamp: Stamp, episode: Episode,
     sx, sy, qx, qy = _episode_tensors(episode, net, next(stamp.parameters()).device)
     logits = stamp(stamp.read(net, sx, episode.n_way), episode.budget)
     z = [hard_concrete_sample(a, cfg.tau, generator=generator, straight_through=cfg.straight_through) for a in logits]
-    ratio = cost_ratio(net.budget(cfg.budget_kind, cfg.latency_batch), [keep_probability(a) for a in logits])
+    ratio = cost_ratio(stamp.cost(net), [keep_probability(a) for a in logits])
     out = adapted_logits(net, z, sx, sy, qx, episode.n_way, cfg)
     ce = F.cross_entropy(out, qy)
     prior = prior_kl(logits, cfg.prior, prior_keep_rate(cfg.prior_keep, episode.budget))
@@ -214,7 +218,7 @@ def validate_episode(net: PrunableBackbone, stamp: Stamp, episode: Episode) -> t
     """Meta-validation score: query accuracy with the HARD mask at the task's budget after the
     inner steps; returns ``(accuracy, achieved cost ratio)`` (the budget kind it is trained for)."""
     sx, sy, qx, qy = _episode_tensors(episode, net, next(stamp.parameters()).device)
-    cost = net.budget(stamp.settings.budget_kind, stamp.settings.latency_batch)
+    cost = stamp.cost(net)
     with torch.no_grad():
         masks = [m.float() for m in hard_masks(stamp, cost, stamp.read(net, sx, episode.n_way), episode.budget)]
     out = adapted_logits(net, masks, sx, sy, qx, episode.n_way, stamp.settings).detach()

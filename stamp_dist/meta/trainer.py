@@ -98,7 +98,7 @@ class MetaModel:
         per_task = []
         for ep in episodes:
             inputs = stamp.read(net, net.norm(ep.support_x.to(self.device)), ep.n_way)
-            per_task.append([float(k.float().mean()) for k in hard_masks(stamp, net.cost, inputs, ep.budget)])
+            per_task.append([float(k.float().mean()) for k in hard_masks(stamp, stamp.cost(net), inputs, ep.budget)])
         return np.mean(per_task, axis=0).tolist()
 
     def publish(self, store: GeneratorStore, step: int, meta_cfg: MetaConfig, metrics: dict) -> Path:

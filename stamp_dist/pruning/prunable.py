@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..choices import BUDGET_KINDS
 from ..data.readers import Normalization
 from ..devices import bound_host_allocator
+from ..errors import StampError
 from ..models.backbones import Backbone
 from ..models.saved import load_backbone
-from ..choices import BUDGET_KINDS
-from ..errors import StampError
 from .budget import BudgetCost, MacsBudget
 from .groups import ChannelGroups, discover_groups
 from .latency import latency_model
