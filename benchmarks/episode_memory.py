@@ -37,6 +37,7 @@ def build_step(backbone_name: str, size: int, n_way: int, shots: int, micro_batc
 
     record = {"backbone": backbone_name, "width": 16, "num_classes": 1000, "image_size": size,
               "mean": [0.5] * 3, "std": [0.25] * 3}
+    torch.manual_seed(0)  # the same weights and generator for every configuration: their losses are comparable
     backbone = build_backbone(backbone_name, 1000).to(device).eval().requires_grad_(False)
     net = PrunableBackbone.build(backbone, record)
     net.micro_batch = micro_batch

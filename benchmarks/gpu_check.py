@@ -5,7 +5,8 @@
 1. **CUDA smoke tests**: ``tests/test_cuda.py`` (masks sampled for CUDA logits, ``stamp prune`` with
    adaptation steps on CUDA), run by pytest.
 2. **A ResNet-50 meta-step at 224×224** (random weights and images: ``episode_memory.build_step``) per
-   episode size, in fp32 and under bf16 autocast: seconds per step, peak CUDA memory, and the FLOPs the
+   episode size, in fp32 and under bf16 autocast, in the layout the path uses on the device
+   (``devices.memory_format``: channels_last on CUDA) and, for comparison, NCHW: seconds per step, peak CUDA memory, and the FLOPs the
    step executes (``torch.utils.flop_counter``: activation checkpointing's recomputed forwards included,
    so hardware FLOPs) per second, against the device's peak (``--peak-tflops``, else a table of known
    GPUs: dense bf16, and TF32 for fp32 — PyTorch runs fp32 convolutions in TF32 on Ampere and later) = MFU.
@@ -21,12 +22,14 @@ check fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
@@ -54,16 +57,28 @@ def smoke_tests() -> dict:
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"],
                          cwd=ROOT, capture_output=True, text=True)
     tail = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-300:]
-    return {"ok": out.returncode == 0 and "skipped" not in tail, "summary": tail}
+    ok = out.returncode == 0 and "skipped" not in tail
+    if not ok:
+        print(out.stdout[-6000:], out.stderr[-2000:], sep="\n")
+    return {"ok": ok, "summary": tail, "log": out.stdout[-6000:]}
 
 
-def meta_step(args, device: torch.device, n_way: int, precision: str) -> dict:
+def meta_step(args, device: torch.device, n_way: int, precision: str, layout: str) -> dict:
+    """One configuration's numbers. ``layout``: "path" (what ``PrunableBackbone`` does on this device) or
+    "nchw" (the backbone and its inputs forced to NCHW, to show what the path's layout buys)."""
+    from stamp_dist.pruning import prunable
+
+    with patch.object(prunable, "memory_format", lambda _: torch.contiguous_format) if layout == "nchw" \
+            else contextlib.nullcontext():
+        net, stamp, episode = build_step(args.backbone, args.size, n_way, args.shots, args.micro_batch, device)
+        return _time_step(args, device, net, stamp, episode, precision) | {"n_way": n_way, "layout": layout}
+
+
+def _time_step(args, device, net, stamp, episode, precision) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from stamp_dist.devices import autocast
     from stamp_dist.meta.objective import episode_loss
-
-    net, stamp, episode = build_step(args.backbone, args.size, n_way, args.shots, args.micro_batch, device)
 
     def step() -> float:
         stamp.zero_grad(set_to_none=True)
@@ -85,12 +100,24 @@ def meta_step(args, device: torch.device, n_way: int, precision: str) -> dict:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     seconds = sorted(times)[len(times) // 2]
+    busy = None
+    if args.profile and device.type == "cuda":
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize(device)
+        events = prof.key_averages()
+        kernels = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+        busy = kernels / 1e6 / seconds  # time in kernels / step time
+        print(events.table(sort_by="self_device_time_total", row_limit=12))
     flops = counter.get_total_flops()
     peak = peak_tflops(device, precision, args.peak_tflops)
     tflops = flops / seconds / 1e12
-    return {"n_way": n_way, "images": 2 * args.shots * n_way, "precision": precision, "loss": loss,
+    return {"images": len(episode.support_y) + len(episode.query_y), "precision": precision, "loss": loss,
             "seconds": seconds, "tflop_per_step": flops / 1e12, "tflops": tflops,
-            "mfu": tflops / peak if peak else None,
+            "mfu": tflops / peak if peak else None, "gpu_busy": busy,
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
 
@@ -135,7 +162,12 @@ def main() -> int:
     ap.add_argument("--ways", type=int, nargs="+", default=[5, 20])
     ap.add_argument("--shots", type=int, default=10, help="support (= query) images per class")
     ap.add_argument("--micro-batch", type=int, default=20, help="runtime.micro_batch")
+    ap.add_argument("--layouts", nargs="+", default=["path", "nchw"], choices=["path", "nchw"],
+                    help="path: the layout PrunableBackbone uses on the device; nchw: forced NCHW, for comparison")
     ap.add_argument("--steps", type=int, default=3, help="timed meta-steps per configuration (median)")
+    ap.add_argument("--skip-smoke", action="store_true", help="leave out part 1 (the CUDA smoke tests)")
+    ap.add_argument("--profile", action="store_true", help="also profile one step per configuration (CUDA): the "
+                    "busiest kernels, and the share of the step the GPU spent in kernels")
     ap.add_argument("--peak-tflops", type=float, help="the device's peak, when not in the built-in table")
     ap.add_argument("--out", default="gpu_check.json")
     args = ap.parse_args()
@@ -147,24 +179,31 @@ def main() -> int:
     report: dict = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
                     "gpus": torch.cuda.device_count() if cuda else 0, "args": vars(args)}
     print(f"{report['device']}, {report['gpus']} GPU(s), torch {torch.__version__}")
-    report["smoke"] = smoke_tests() if cuda else {"ok": None, "summary": "needs CUDA"}
+    report["smoke"] = smoke_tests() if cuda and not args.skip_smoke else {"ok": None, "summary": "not run"}
     print(f"CUDA smoke tests: {report['smoke']['summary']}")
 
     print(f"{args.backbone} {args.size}x{args.size}, {args.shots}+{args.shots} per class, micro-batch {args.micro_batch}")
-    print(f"{'way':>4} {'images':>7} {'precision':>9} {'s/step':>8} {'TFLOP/step':>11} {'TFLOP/s':>8} {'MFU':>6} "
+    print(f"{'way':>4} {'images':>7} {'precision':>9} {'layout':>6} {'s/step':>8} {'TFLOP/step':>11} {'TFLOP/s':>8} {'MFU':>6} "
           f"{'peak GiB':>9} {'loss':>8}")
     report["steps"] = []
     for n_way in args.ways:
         for precision in ("fp32", "bf16"):
-            r = meta_step(args, device, n_way, precision)
-            report["steps"].append(r)
-            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-            mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
-            print(f"{n_way:>4} {r['images']:>7} {precision:>9} {r['seconds']:>8.3f} {r['tflop_per_step']:>11.3f} "
-                  f"{r['tflops']:>8.2f} {mfu:>6} {mem:>9} {r['loss']:>8.4f}", flush=True)
-    pairs = zip(report["steps"][::2], report["steps"][1::2])
-    report["bf16_ok"] = all(abs(b["loss"] - f["loss"]) <= 0.05 * abs(f["loss"]) for f, b in pairs)
+            for layout in args.layouts:
+                r = meta_step(args, device, n_way, precision, layout)
+                report["steps"].append(r)
+                mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+                mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
+                busy = f" GPU busy {r['gpu_busy']:.0%}" if r["gpu_busy"] is not None else ""
+                print(f"{n_way:>4} {r['images']:>7} {precision:>9} {layout:>6} {r['seconds']:>8.3f} {r['tflop_per_step']:>11.3f} "
+                      f"{r['tflops']:>8.2f} {mfu:>6} {mem:>9} {r['loss']:>8.4f}{busy}", flush=True)
+    fp32 = {(r["n_way"], r["layout"]): r["loss"] for r in report["steps"] if r["precision"] == "fp32"}
+    report["bf16_ok"] = all(abs(r["loss"] - fp32[r["n_way"], r["layout"]]) <= 0.05 * abs(fp32[r["n_way"], r["layout"]])
+                            for r in report["steps"] if r["precision"] == "bf16")
     print(f"bf16 loss within 5 % of fp32: {report['bf16_ok']}")
+    if cuda and len(args.ways) > 1:
+        for precision in ("fp32", "bf16"):
+            mem = [r["peak_mem_gib"] for r in report["steps"] if r["precision"] == precision and r["layout"] == "path"]
+            print(f"peak memory {precision}: {max(args.ways)}-way / {min(args.ways)}-way = {mem[-1] / mem[0]:.2f}")
 
     if cuda and torch.cuda.device_count() >= 2:
         report["nccl"] = nccl_check(Path(args.out).resolve().parent)

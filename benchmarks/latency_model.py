@@ -11,6 +11,7 @@ masks keep) unless ``--off-grid``. Prints each mask's numbers and the max / mean
     python benchmarks/latency_model.py --backbone runs/demo/pretrain --batch 64        # ResNet-20 demo, 32 px
     python benchmarks/latency_model.py --backbone resnet18 --size 224 --batch 8         # random init
     python benchmarks/latency_model.py --backbone resnet50 --size 224 --batch 8 --threads 1
+    python benchmarks/latency_model.py --backbone resnet50 --size 224 --batch 64 --device cuda
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from stamp_dist.pruning.prunable import PrunableBackbone
 from stamp_dist.pruning.surgery import prune_model
 
 
-def backbone(spec: str, size: int) -> PrunableBackbone:
+def backbone(spec: str, size: int, device: str) -> PrunableBackbone:
     if Path(spec).is_dir():
-        return PrunableBackbone.load(spec, "cpu")
-    model = build_backbone(spec, 1000, 64, size).eval().requires_grad_(False)
+        return PrunableBackbone.load(spec, device)
+    model = build_backbone(spec, 1000, 64, size).to(device).eval().requires_grad_(False)
     return PrunableBackbone.build(model, {"image_size": size, "backbone": spec})
 
 
@@ -49,13 +50,14 @@ def main() -> None:
                     help="timed passes per layer point and per network and round (the fastest counts)")
     ap.add_argument("--off-grid", action="store_true", help="counts anywhere (not only on the table's grid)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: the device the table and the networks are timed on")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--table-dir", help="where the table is cached (default: the pretrain directory; none for a "
                     "built-in backbone)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     latency.REPEATS = args.repeats
-    net = backbone(args.backbone, args.size)
+    net = backbone(args.backbone, args.size, args.device)
     directory = args.table_dir or (args.backbone if Path(args.backbone).is_dir() else None)
     t = time.perf_counter()
     model = latency_model(net.backbone, net.groups, net.input_size, args.batch, directory)

@@ -31,6 +31,12 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def memory_format(device: torch.device) -> torch.memory_format:
+    """The layout frozen backbones compute in: channels_last (NHWC) on CUDA, where cuDNN's convolutions are faster
+    in it (benchmarks/gpu_check.py measures both); NCHW on the CPU, where a masked meta-step ran slower in NHWC."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 # glibc's mallopt parameter (malloc.h) and the fixed value set for it: blocks of 128 KiB and more are
 # mmap'ed, so freeing them returns the memory to the system.
 _M_MMAP_THRESHOLD = -3

@@ -103,7 +103,7 @@ def build_pruned(net: PrunableBackbone, masks: list[torch.Tensor], target: Targe
     pruned = prune_model(net.backbone, net.groups, masks)
     feats = pruned.eval().forward_features(net.norm(target.x))
     head = prototype_head(feats, target.y, target.num_classes, unit_scale=True)
-    pruned.fc = torch.nn.Linear(feats.shape[1], target.num_classes)
+    pruned.fc = torch.nn.Linear(feats.shape[1], target.num_classes, device=feats.device)
     pruned.fc.weight.copy_(head["fc.weight"])
     pruned.fc.bias.copy_(head["fc.bias"])
     return pruned

@@ -2,7 +2,7 @@
 
 ``tracking.wandb_mode`` decides: ``offline`` (default; the run is written under ``tracking.dir`` and
 can be uploaded later with `wandb sync`), ``online`` (needs a wandb login or ``WANDB_API_KEY``) or
-``disabled``. The mode is passed to ``wandb.init`` explicitly, so a ``WANDB_MODE`` left in the
+``disabled`` (wandb is then not imported). The mode is passed to ``wandb.init`` explicitly, so a ``WANDB_MODE`` left in the
 environment does not override the config. A run directory keeps one wandb run id (``wandb_id``
 in the run directory), so a resumed run continues the same wandb run.
 """
@@ -34,22 +34,24 @@ class Tracker:
     """One wandb run (rank 0 only); PNG plots are also kept in ``<run_dir>/plots``."""
 
     def __init__(self, cfg: StampConfig, run_dir: str | Path):
-        import wandb
-
         t = cfg.tracking
         self.run_dir = Path(run_dir)
         self.log_artifacts = t.log_artifacts and t.wandb_mode != "disabled"
-        Path(t.dir).mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(mode=t.wandb_mode, project=t.project, dir=t.dir, name=t.name or self.run_dir.name,
-                              id=run_id(self.run_dir), resume="allow", config=to_dict(cfg))
+        self.run = None  # ``disabled``: wandb is not even imported (plots are still written)
+        if t.wandb_mode != "disabled":
+            import wandb
+
+            Path(t.dir).mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(mode=t.wandb_mode, project=t.project, dir=t.dir,
+                                  name=t.name or self.run_dir.name, id=run_id(self.run_dir), resume="allow",
+                                  config=to_dict(cfg))
 
     def log(self, metrics: dict, step: int) -> None:
-        self.run.log(metrics, step=step)
+        if self.run is not None:
+            self.run.log(metrics, step=step)
 
     def keep_ratio_plot(self, names: list[str], ratios: list[float], budget: float, step: int) -> Path:
         """Bar chart of the fraction of channels kept per group; saved as PNG and logged as an image."""
-        import wandb
-
         fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(names)), 3.5))
         ax.bar(range(len(names)), ratios, color="tab:blue")
         ax.axhline(budget, color="tab:red", linestyle="--", label=f"mean MACs budget {budget:.2f}")
@@ -63,20 +65,25 @@ class Tracker:
         with atomic_file(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
-        self.run.log({"keep_ratio": wandb.Image(str(path))}, step=step)
+        if self.run is not None:
+            import wandb
+
+            self.run.log({"keep_ratio": wandb.Image(str(path))}, step=step)
         return path
 
     def log_generator(self, path: str | Path, step: int, metrics: dict) -> None:
         """Log a published generator version as a wandb model artifact."""
-        import wandb
-
         if not self.log_artifacts:
             return
+        import wandb
+
         art = wandb.Artifact(f"generator-{self.run.id}", type="model", metadata={"step": step, **metrics})
         art.add_dir(str(path))
         self.run.log_artifact(art, aliases=["latest", f"step-{step}"])
 
     def finish(self, summary: dict | None = None) -> None:
+        if self.run is None:
+            return
         if summary:
             self.run.summary.update(summary)
         self.run.finish()

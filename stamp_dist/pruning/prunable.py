@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..choices import BUDGET_KINDS
 from ..data.readers import Normalization
-from ..devices import bound_host_allocator
+from ..devices import bound_host_allocator, memory_format
 from ..errors import StampError
 from ..models.backbones import Backbone
 from ..models.saved import load_backbone
@@ -44,10 +44,13 @@ class PrunableBackbone:
 
     @classmethod
     def build(cls, backbone: Backbone, record: dict, path: Path | None = None) -> "PrunableBackbone":
-        """Channel groups and MACs model of ``backbone`` (already on its device), traced at the record's image size."""
+        """Channel groups and MACs model of ``backbone`` (already on its device), traced at the record's image size.
+        The backbone takes its device's layout (``devices.memory_format``: channels_last on CUDA), which
+        ``features`` feeds it."""
         size = record["image_size"]
         device = next(backbone.parameters()).device
         groups = discover_groups(backbone, torch.zeros(1, 3, size, size, device=device))
+        backbone.to(memory_format=memory_format(device))
         return cls(backbone, record, groups, CostModel(backbone, groups, (3, size, size)), path)
 
     @classmethod
@@ -72,6 +75,7 @@ class PrunableBackbone:
                 return self.backbone.forward_features(chunk)
 
         ms = tuple(masks or ())
+        x = x.contiguous(memory_format=memory_format(x.device))
         if not self.micro_batch or len(x) <= self.micro_batch:
             return run(x, *ms)
         grad = torch.is_grad_enabled() and (any(m.requires_grad for m in ms) or
