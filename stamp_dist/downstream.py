@@ -99,9 +99,11 @@ def default_round_to(device: torch.device) -> int:
 @torch.no_grad()
 def build_pruned(net: PrunableBackbone, masks: list[torch.Tensor], target: Target) -> torch.nn.Module:
     """Physically remove the unmasked channels and attach an N-way head initialised from the
-    class prototypes of the pruned network's features on the target sample."""
-    pruned = prune_model(net.backbone, net.groups, masks)
-    feats = pruned.eval().forward_features(net.norm(target.x))
+    class prototypes of the pruned network's features on the target sample (read ``net.micro_batch`` images at
+    a time, if set: the sample's activations are never all alive at once)."""
+    pruned = prune_model(net.backbone, net.groups, masks).eval()
+    chunks = target.x.split(net.micro_batch) if net.micro_batch else [target.x]
+    feats = torch.cat([pruned.forward_features(net.norm(c)) for c in chunks])
     head = prototype_head(feats, target.y, target.num_classes, unit_scale=True)
     pruned.fc = torch.nn.Linear(feats.shape[1], target.num_classes, device=feats.device)
     pruned.fc.weight.copy_(head["fc.weight"])

@@ -168,3 +168,18 @@ def test_finetune_streamed_from_the_shards_gives_the_same_model(tiny_generator, 
     (a, spec_a), (b, spec_b) = (stamp_dist.load_pruned(tmp_path / d) for d in ("memory", "streamed"))
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     assert spec_a.report["finetune"]["top1"] == spec_b.report["finetune"]["top1"]
+
+
+def test_the_pruned_head_reads_the_sample_in_micro_batches(tiny_generator, digits):
+    """``runtime.micro_batch`` bounds the pruned network's pass over the target sample too: the same head."""
+    from stamp_dist.downstream import build_pruned, load_target
+    from stamp_dist.meta.artifact import load_generator
+
+    gen = load_generator(tiny_generator)
+    target = load_target(digits, 5, gen.net.record)
+    masks = [torch.arange(n) % 2 == 0 for n in gen.net.groups.sizes]
+    whole = build_pruned(gen.net, masks, target)
+    gen.net.micro_batch = 7
+    chunked = build_pruned(gen.net, masks, target)
+    torch.testing.assert_close(chunked.fc.weight, whole.fc.weight)
+    torch.testing.assert_close(chunked.fc.bias, whole.fc.bias)
