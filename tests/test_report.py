@@ -16,6 +16,14 @@ def _cell(method, budget, seed, top1, target="t", regime=10, total=10.0):
                       seconds_to_finetune=total / 2, seconds_total=total, train_images=20, eval_images=50, key={})
 
 
+def _bench_run(cells):
+    return BenchRun(cells, GROUPS, {"platform": "p", "cpu_count": 2, "torch": "x", "torch_threads": 1, "device": "cpu"},
+                    None, {"bench": {"eval_per_class": 0}, "prune": {"samples_per_class": 10},
+                           "pretrain": {"out": "pre"}, "meta": {"out": "m"},
+                           "finetune": {"batch_size": 16, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0,
+                                        "augment": True, "flip": False}})
+
+
 def _cells(stamp_acc, other_acc):
     cells = []
     for seed, (a, b) in enumerate(zip(stamp_acc, other_acc)):
@@ -64,6 +72,18 @@ def test_paired_delta_cancels_the_seed_to_seed_spread():
     assert one["vs_best_one_shot"] is None
 
 
+def test_room_is_dense_minus_random_paired_by_seed(tmp_path):
+    cells = _cells([0.62, 0.82, 0.72], [0.60, 0.80, 0.70])  # dense at 0.9 every seed
+    [s] = stats.stamp_paired(cells, stats.aggregate(cells))
+    assert s["room"]["delta"] == pytest.approx(0.2) and s["room"]["beyond_noise"] is True
+    level = _cells([0.9, 0.9, 0.9], [0.89, 0.91, 0.9])  # random channels as good as the dense network
+    [s] = stats.stamp_paired(level, stats.aggregate(level))
+    assert s["room"]["delta"] == pytest.approx(0.0, abs=1e-9) and s["room"]["beyond_noise"] is False
+    write_report(_bench_run(level), tmp_path, "stamp bench -c x.yaml")
+    assert "In 1 of them the dense network itself is within noise of random channels" in \
+        (tmp_path / "report.md").read_text()
+
+
 def test_time_ratios_pair_cells_of_the_same_setting():
     ratios = stats.time_ratios(_cells([0.8, 0.7], [0.5, 0.5]))
     assert ratios["train_prune"]["overall"] == pytest.approx(5 / 40)
@@ -73,13 +93,7 @@ def test_time_ratios_pair_cells_of_the_same_setting():
 
 def test_write_report_files(tmp_path):
     cells = _cells([0.8, 0.7], [0.5, 0.6]) + [_cell("random", 0.5, 0, 0.4, target="u", regime=0)]
-    run = BenchRun(cells, GROUPS, {"platform": "p", "cpu_count": 2, "torch": "x", "torch_threads": 1,
-                                   "device": "cpu"}, None, {"bench": {"eval_per_class": 0}, "prune": {
-                                       "samples_per_class": 10}, "pretrain": {"out": "pre"}, "meta": {"out": "m"},
-                                                              "finetune": {"batch_size": 16, "lr": 0.05,
-                                                                           "momentum": 0.9, "weight_decay": 0.0,
-                                                                           "augment": True, "flip": False}})
-    out = write_report(run, tmp_path, "stamp bench -c x.yaml")
+    out = write_report(_bench_run(cells), tmp_path, "stamp bench -c x.yaml")
     assert json.loads((tmp_path / "report.json").read_text())["rows"] == json.loads(json.dumps(out["rows"]))
     md = (tmp_path / "report.md").read_text()
     assert "## t" in md and "## u" in md and "### full data" in md and "does not record its wall time" in md

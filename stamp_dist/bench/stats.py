@@ -30,6 +30,7 @@ NOT_PRUNING = _family(Family.REFERENCE)
 ONE_SHOT = _family(Family.SCORE)  # the informed one-shot baselines STAMP is paired against
 TRAINED = _family(Family.TRAINED)  # the methods STAMP's total time is compared with
 STAMP, RANDOM = Method.STAMP, Method.RANDOM  # the report's subject and the floor it is paired against
+DENSE = Method.DENSE  # the ceiling: how far random channels are below it is all a pruning method can win
 MEANS = ("top1_before_finetune", "macs_ratio", "params", "macs", "seconds_to_prune", "seconds_to_finetune",
          "seconds_total", "train_images", "eval_images")  # cell fields a row reports as the mean over seeds
 
@@ -104,23 +105,36 @@ def stamp_vs_best(rows: list[dict]) -> list[dict]:
     return out
 
 
-def paired_delta(cells: list[CellRecord], method: str, other: str, setting: tuple) -> dict | None:
+def paired_delta(cells: list[CellRecord], method: str, other: str, setting: tuple,
+                 other_budget: float | None = None) -> dict | None:
     """``method`` − ``other`` top-1 in one (target, regime, budget) setting, paired by seed: the two cells of a
     seed share the sample, the fine-tuning order and the evaluation images, so the seed-to-seed spread
-    cancels. Mean, its standard error over seeds, and beyond noise (|mean| > 2 SE; None with one seed)."""
-    top1 = {(c.method, c.seed): c.top1 for c in cells if (c.target, c.train_per_class, c.budget) == setting}
-    seeds = sorted({s for m, s in top1 if m == method} & {s for m, s in top1 if m == other})
+    cancels. Mean, its standard error over seeds, and beyond noise (|mean| > 2 SE; None with one seed).
+    ``other_budget``: ``other``'s cells are at that budget instead (the dense network's is 1)."""
+    target, regime, budget = setting
+    mine = {c.seed: c.top1 for c in cells if (c.target, c.train_per_class, c.budget, c.method) == (*setting, method)}
+    theirs = {c.seed: c.top1 for c in cells if (c.target, c.train_per_class, c.method) == (target, regime, other)
+              and c.budget == (budget if other_budget is None else other_budget)}
+    seeds = sorted(set(mine) & set(theirs))
     if not seeds:
         return None
-    d = np.array([top1[(method, s)] - top1[(other, s)] for s in seeds])
+    d = np.array([mine[s] - theirs[s] for s in seeds])
     se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
     return {"other": other, "delta": float(d.mean()), "se": se, "seeds": seeds,
             "beyond_noise": None if se is None else bool(abs(d.mean()) > 2 * se)}
 
 
+def room(cells: list[CellRecord], setting: tuple) -> dict | None:
+    """Dense − random channels in ``setting``, paired by seed (the dense cells are at budget 1)."""
+    d = paired_delta(cells, RANDOM, DENSE, setting, other_budget=1.0)
+    return None if d is None else d | {"other": RANDOM, "delta": -d["delta"]}
+
+
 def stamp_paired(cells: list[CellRecord], rows: list[dict]) -> list[dict]:
     """Per setting with STAMP: STAMP − random channels and STAMP − the one-shot baseline with the best mean
-    in that setting (picked after the fact, which favours the baseline), both paired by seed."""
+    in that setting (picked after the fact, which favours the baseline), both paired by seed; and the room,
+    dense − random channels (``room``): no pruned network is ahead of random channels by more, unless it beats
+    the dense one, so where the room is within noise no method can be ahead of random channels beyond noise."""
     out = []
     for setting, rs in pruning_settings(rows).items():
         methods = {r["method"]: r for r in rs}
@@ -131,7 +145,8 @@ def stamp_paired(cells: list[CellRecord], rows: list[dict]) -> list[dict]:
         out.append({"target": setting[0], "train_per_class": setting[1], "budget": setting[2],
                     "stamp_top1": methods[STAMP]["top1_mean"],
                     "vs_random": paired_delta(cells, STAMP, RANDOM, setting) if RANDOM in methods else None,
-                    "vs_best_one_shot": paired_delta(cells, STAMP, best, setting) if best else None})
+                    "vs_best_one_shot": paired_delta(cells, STAMP, best, setting) if best else None,
+                    "room": room(cells, setting)})
     return out
 
 

@@ -124,20 +124,26 @@ def markdown(run: BenchRun, rows: list[dict], summary: dict, plots: dict[str, li
     lines += ["## STAMP against random channels and the best one-shot method, paired by seed", "",
               "Δ = STAMP − the other method, top-1 points, mean ± standard error over the seeds both ran (each "
               "seed: the same sample, fine-tuning order and test images); * = beyond noise (|Δ| > 2 SE). The "
-              "best one-shot method (" + ", ".join(ONE_SHOT) + ") is the one with the best mean in that setting.", ""]
+              "best one-shot method (" + ", ".join(ONE_SHOT) + ") is the one with the best mean in that setting. "
+              "Room = dense − random channels, paired the same way: a pruned network is ahead of random channels by "
+              "at most this much unless it beats the unpruned one.", ""]
     if summary["stamp_paired"]:
-        lines += ["| target | regime | budget | STAMP top-1 % | Δ vs random | best one-shot | Δ vs it |",
-                  "|" + "---|" * 7]
+        lines += ["| target | regime | budget | STAMP top-1 % | Δ vs random | best one-shot | Δ vs it | room |",
+                  "|" + "---|" * 8]
         for s in summary["stamp_paired"]:
             r, b = s["vs_random"], s["vs_best_one_shot"]
             lines.append(f"| {s['target']} | {regime_name(s['train_per_class'])} | {s['budget']:g} "
-                         f"| {100 * s['stamp_top1']:.1f} | {_paired(r)} | {b['other'] if b else '—'} | {_paired(b)} |")
+                         f"| {100 * s['stamp_top1']:.1f} | {_paired(r)} | {b['other'] if b else '—'} | {_paired(b)} "
+                         f"| {_paired(s['room'])} |")
         ahead = [s for s in summary["stamp_paired"] if s["vs_random"] and s["vs_random"]["beyond_noise"]
                  and s["vs_random"]["delta"] > 0]
         behind = [s for s in summary["stamp_paired"] if s["vs_random"] and s["vs_random"]["beyond_noise"]
                   and s["vs_random"]["delta"] < 0]
+        no_room = [s for s in summary["stamp_paired"] if s["room"] and s["room"]["beyond_noise"] is False]
         lines += ["", f"Against random channels, STAMP is ahead beyond noise in {len(ahead)} and behind beyond noise "
-                      f"in {len(behind)} of {len(summary['stamp_paired'])} settings."]
+                      f"in {len(behind)} of {len(summary['stamp_paired'])} settings. In {len(no_room)} of them the "
+                      "dense network itself is within noise of random channels (room): there no pruning method can "
+                      "be ahead of random channels beyond noise without beating the unpruned network."]
     else:
         lines.append("No STAMP cells in this run.")
     lines += [""]
