@@ -80,7 +80,7 @@ def test_room_is_dense_minus_random_paired_by_seed(tmp_path):
     [s] = stats.stamp_paired(level, stats.aggregate(level))
     assert s["room"]["delta"] == pytest.approx(0.0, abs=1e-9) and s["room"]["beyond_noise"] is False
     write_report(_bench_run(level), tmp_path, "stamp bench -c x.yaml")
-    assert "In 1 of them the dense network itself is within noise of random channels" in \
+    assert "In 1 of them even the dense network is not ahead of random channels beyond noise" in \
         (tmp_path / "report.md").read_text()
 
 

@@ -133,8 +133,8 @@ def room(cells: list[CellRecord], setting: tuple) -> dict | None:
 def stamp_paired(cells: list[CellRecord], rows: list[dict]) -> list[dict]:
     """Per setting with STAMP: STAMP − random channels and STAMP − the one-shot baseline with the best mean
     in that setting (picked after the fact, which favours the baseline), both paired by seed; and the room,
-    dense − random channels (``room``): no pruned network is ahead of random channels by more, unless it beats
-    the dense one, so where the room is within noise no method can be ahead of random channels beyond noise."""
+    dense − random channels (``room``): a pruned network that does not beat the dense one is ahead of random
+    channels by at most that much, so where the room is within noise there is about as little to win."""
     out = []
     for setting, rs in pruning_settings(rows).items():
         methods = {r["method"]: r for r in rs}

@@ -141,9 +141,9 @@ def markdown(run: BenchRun, rows: list[dict], summary: dict, plots: dict[str, li
                   and s["vs_random"]["delta"] < 0]
         no_room = [s for s in summary["stamp_paired"] if s["room"] and s["room"]["beyond_noise"] is False]
         lines += ["", f"Against random channels, STAMP is ahead beyond noise in {len(ahead)} and behind beyond noise "
-                      f"in {len(behind)} of {len(summary['stamp_paired'])} settings. In {len(no_room)} of them the "
-                      "dense network itself is within noise of random channels (room): there no pruning method can "
-                      "be ahead of random channels beyond noise without beating the unpruned network."]
+                      f"in {len(behind)} of {len(summary['stamp_paired'])} settings. In {len(no_room)} of them even the "
+                      "dense network is not ahead of random channels beyond noise (room): what a pruning method can "
+                      "win there, short of beating the unpruned network, is about as large as the noise."]
     else:
         lines.append("No STAMP cells in this run.")
     lines += [""]
