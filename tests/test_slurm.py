@@ -31,6 +31,8 @@ from stamp_dist.errors import StampError
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
+# One pytest-xdist worker runs this module: it owns the session's one cluster.
+pytestmark = pytest.mark.xdist_group("slurm")
 DEMO = ROOT / "configs" / "demo.yaml"
 
 
@@ -60,7 +62,9 @@ def slurm_cluster(tmp_path_factory):
             # a local run stops within one step (~0.3 s here); kill one that hangs well before the time limit
             "STAMP_STOP_GRACE": "15",
             # Ray Train's controller polls workers every 2 s and a checkpointing step waits for it (toy steps here)
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+            # Ray renices its workers to 15, which starves them beside the other pytest-xdist worker
+            "RAY_worker_niceness": "0"}
     started = (state / "started").read_text().split()
     pidfiles = [state / "run" / f"{d}.pid" for d in ("slurmctld", "slurmd") if d in started]
     pidfiles += [Path("/run/munge/munged.pid")] if "munged" in started else []
