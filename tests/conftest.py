@@ -83,7 +83,8 @@ def tiny_generator(tiny_run, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """The test session's one Ray instance (4 logical CPUs: 2 workers + 2 half-CPU samplers), on 127.0.0.1.
+    """The test session's one Ray instance (4 logical CPUs: 2 workers + 2 half-CPU samplers), on 127.0.0.1:
+    one per pytest-xdist worker, and the tests using it share one worker (``xdist_group("ray")``).
     Its processes inherit this process's environment (PYTHONPATH included: they import the same stamp_dist)."""
     import ray
 
@@ -93,6 +94,9 @@ def ray_cluster():
     # Ray Train's controller polls workers every 2 s and a worker's second report waits for that poll;
     # with these toy steps (~0.1 s) checkpoints would wait on it. Ray's processes inherit the variable.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # Ray renices its workers to 15: beside the other pytest-xdist worker (nice 0) on 2 cores a rank then gets
+    # a few % of a core, and every collective waits for it (phase A of test_dist_ray took minutes, not 20 s).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     start_ray(RuntimeConfig(host="127.0.0.1"), num_cpus=4)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

@@ -29,6 +29,9 @@ from omegaconf import OmegaConf
 from conftest import tiny_config
 from stamp_dist.errors import EXIT_STOPPED
 
+# The tests using the session's Ray instance run on one pytest-xdist worker: one Ray per test session.
+pytestmark = pytest.mark.xdist_group("ray")
+
 STEPS, CHECKPOINT_EVERY, VAL_EVERY = 60, 5, 20
 
 

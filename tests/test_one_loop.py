@@ -24,6 +24,9 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 
+# The tests using the session's Ray instance run on one pytest-xdist worker: one Ray per test session.
+pytestmark = pytest.mark.xdist_group("ray")
+
 STEPS = 3
 # Several workers share a sampler actor: its image draws are keyed by (step, episode), so their order does
 # not matter — but a class buffer's refill point is counted in arrival order; a reuse this high means none.

@@ -31,6 +31,8 @@ from stamp_dist.errors import StampError
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
+# One pytest-xdist worker runs this module: it owns the session's one cluster.
+pytestmark = pytest.mark.xdist_group("slurm")
 DEMO = ROOT / "configs" / "demo.yaml"
 
 
@@ -60,7 +62,9 @@ def slurm_cluster(tmp_path_factory):
             # a local run stops within one step (~0.3 s here); kill one that hangs well before the time limit
             "STAMP_STOP_GRACE": "15",
             # Ray Train's controller polls workers every 2 s and a checkpointing step waits for it (toy steps here)
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+            # Ray renices its workers to 15, which starves them beside the other pytest-xdist worker
+            "RAY_worker_niceness": "0"}
     started = (state / "started").read_text().split()
     pidfiles = [state / "run" / f"{d}.pid" for d in ("slurmctld", "slurmd") if d in started]
     pidfiles += [Path("/run/munge/munged.pid")] if "munged" in started else []
@@ -334,22 +338,26 @@ def test_ray_meta_train_stops_on_usr1_requeues_resumes_then_array_prune(slurm_cl
     assert s0 < e1 and s1 < e0, f"array tasks did not overlap: {spans}"
 
 
-# The interrupted runs: local backend (resume is bit-identical), long enough that a 1-minute time limit lands
-# mid-run even on an idle machine: ~4 steps/s alone (~1.5 while the reference job shares the 2 CPUs), so
-# 300 steps outlast the limit. (With 100 steps an idle machine finished in 25 s, before SLURM's ~30 s
-# time-limit check sent the signal.)
-STEPS = 300
-LOCAL = [f"meta.steps={STEPS}", "meta.checkpoint_every=1", "meta.val_every=50", *SLOW_STEPS]
+# The interrupted runs: local backend (resume is bit-identical). SLURM checks time limits every 30 s and sends
+# --signal=B:USR1@S at the first check with at least S + 30 s left: with --time=1 --signal=B:USR1@50 that is
+# the first check after the job starts, at most 30 s in. The time-limited run must outlast that even on an
+# idle machine: ~4 steps/s alone (~3 while the reference job shares the 2 CPUs), so 220 steps take 55-75 s.
+# (With 100 steps an idle machine finished in 25 s, before the signal.)
+STEPS = 220
+# The requeued run is stopped by the test at step 20, so it needs no more steps than that plus a margin.
+REQUEUE_STEPS = 60
 LOCAL_ARGS = ["runtime.backend=local", "slurm.cpus_per_task=1"]
 
 
-@pytest.fixture(scope="module")
-def reference_run(slurm_cluster, tiny_run, tmp_path_factory):
-    """The uninterrupted run the interrupted ones must reproduce: same config and seed, through the same
-    sbatch script, started in the background (it shares the cluster with the first interrupted job)."""
-    root = tmp_path_factory.mktemp("reference")
-    config = _write_config(root, "straight", tiny_run, *LOCAL)
-    j = Jobs(slurm_cluster)
+def _local(steps: int) -> list[str]:
+    return [f"meta.steps={steps}", "meta.checkpoint_every=1", "meta.val_every=50", *SLOW_STEPS]
+
+
+def _reference(cluster: Cluster, tiny_run: Path, root: Path, steps: int):
+    """Starts, in the background, the uninterrupted run an interrupted one must reproduce: same config and
+    seed, through the same sbatch script. Returns (its run directory once it finished, its jobs)."""
+    config = _write_config(root, "straight", tiny_run, *_local(steps))
+    j = Jobs(cluster)
     proc = j.start(config, *LOCAL_ARGS, "slurm.time=10", "slurm.signal_seconds=30")
     done: dict = {}
 
@@ -361,6 +369,21 @@ def reference_run(slurm_cluster, tiny_run, tmp_path_factory):
             done["run"] = root / "straight"
         return done["run"]
 
+    return result, j
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster, tiny_run, tmp_path_factory):
+    """The time-limited run's reference (it shares the cluster with that job)."""
+    result, j = _reference(slurm_cluster, tiny_run, tmp_path_factory.mktemp("reference"), STEPS)
+    yield result
+    j.close()
+
+
+@pytest.fixture(scope="module")
+def requeue_reference_run(slurm_cluster, tiny_run, tmp_path_factory):
+    """The requeued run's reference (it shares the cluster with that job)."""
+    result, j = _reference(slurm_cluster, tiny_run, tmp_path_factory.mktemp("requeue_reference"), REQUEUE_STEPS)
     yield result
     j.close()
 
@@ -368,11 +391,11 @@ def reference_run(slurm_cluster, tiny_run, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_time_limit_signal_checkpoints_requeues_and_resumes(reference_run, jobs, tiny_run, tmp_path):
-    """--time=1 --signal=B:USR1@20: the signal lands mid-run, the script stops the run (local backend:
+    """--time=1 --signal=B:USR1@50: the signal lands mid-run, the script stops the run (local backend:
     terminate; it checkpoints every step), requeues the job, and the next start resumes where it stopped."""
-    config = _write_config(tmp_path, "limited", tiny_run, *LOCAL)
+    config = _write_config(tmp_path, "limited", tiny_run, *_local(STEPS))
     t = time.monotonic()
-    rc, out = jobs.run(config, *LOCAL_ARGS, "slurm.time=1", "slurm.signal_seconds=20", timeout=500)
+    rc, out = jobs.run(config, *LOCAL_ARGS, "slurm.time=1", "slurm.signal_seconds=50", timeout=500)
     run = tmp_path / "limited"
     log = _log(run, jobs.procs[-1].job)
     print(f"time-limited job: {time.monotonic() - t:.1f} s\n{log}")
@@ -393,14 +416,14 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(reference_run, jobs,
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_scontrol_requeue_resumes_from_last_checkpoint(reference_run, jobs, tiny_run, tmp_path):
+def test_scontrol_requeue_resumes_from_last_checkpoint(requeue_reference_run, jobs, tiny_run, tmp_path):
     """`scontrol requeue` sends SIGTERM to every process of the job (SIGKILL after KillWait): the run stops
     without an orderly checkpoint, SLURM requeues it, and the next start resumes from the last periodic one."""
-    config = _write_config(tmp_path, "requeued", tiny_run, *LOCAL)
+    config = _write_config(tmp_path, "requeued", tiny_run, *_local(REQUEUE_STEPS))
     run = tmp_path / "requeued"
     proc = jobs.start(config, *LOCAL_ARGS, "slurm.time=10", "slurm.signal_seconds=30")
     t = time.monotonic()
-    while max(_steps_logged(run), default=0) < 30:
+    while max(_steps_logged(run), default=0) < 20:
         assert proc.poll() is None, jobs.finish(proc, 10)[1]
         assert time.monotonic() - t < 300, "the job made no progress"
         time.sleep(0.2)
@@ -413,7 +436,7 @@ def test_scontrol_requeue_resumes_from_last_checkpoint(reference_run, jobs, tiny
     assert _starts(log) == [0, 1] and "DUE TO JOB REQUEUE" in log
     [resumed] = _resumed_from(log)
     print(f"requeued at logged step {at}; resumed from step {resumed}")
-    assert at <= resumed < STEPS
-    diff = _max_abs_diff(_latest_generator(run), _latest_generator(reference_run()))
+    assert at <= resumed < REQUEUE_STEPS
+    diff = _max_abs_diff(_latest_generator(run), _latest_generator(requeue_reference_run()))
     print(f"max abs diff requeued vs uninterrupted generator: {diff}")
     assert diff == 0.0
