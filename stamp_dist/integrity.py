@@ -30,6 +30,17 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def digest(tensors: dict[str, torch.Tensor], as_fp32: bool = False) -> str:
+    """16 hex digits of a sha256 over the tensors' names and bytes, in name order: equal ⇔ the same values.
+    ``as_fp32``: floating tensors are hashed as fp32 (numpy holds no bf16)."""
+    h = hashlib.sha256()
+    for name, t in sorted(tensors.items()):
+        t = t.detach().float() if as_fp32 and t.is_floating_point() else t.detach()
+        h.update(name.encode())
+        h.update(t.cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors holding NaN or infinity."""
     return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]

@@ -12,7 +12,6 @@ per start. Every ``checkpoint_every`` steps, at the last step and on a stop requ
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from ..config import MetaConfig, StampConfig, to_dict
 from ..data.episodes import ClassPool, Episode, EpisodeSampler, MetaClasses
 from ..devices import autocast, pick_device
 from ..errors import StampError, Stopped
+from ..integrity import digest
 from ..progress import progress
 from ..pruning.prunable import PrunableBackbone
 from ..runlog import MetricsLog
@@ -76,11 +76,7 @@ class MetaModel:
 
     def weights_hash(self) -> str:
         """A hash of the meta-learned weights (identical ranks ⇔ identical hashes)."""
-        h = hashlib.sha256()
-        for name, t in sorted(self.trained.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return digest(self.trained.state_dict(), as_fp32=True)
 
     def validate(self, episodes: list[Episode]) -> dict[str, float]:
         """Hard-mask meta-validation: query accuracy and achieved MACs ratio at each task's budget."""

@@ -8,7 +8,6 @@ these; it lives in the pruning layer so that each of them can import it.
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,6 +20,7 @@ from ..choices import BUDGET_KINDS
 from ..data.readers import Normalization
 from ..devices import bound_host_allocator, memory_format
 from ..errors import StampError
+from ..integrity import digest
 from ..models.backbones import Backbone
 from ..models.saved import load_backbone
 from .budget import BudgetCost, MacsBudget
@@ -110,8 +110,4 @@ class PrunableBackbone:
     def fingerprint(self) -> str:
         """A hash of the weights as they are now: a generator is only valid for the exact backbone it was
         trained on."""
-        h = hashlib.sha256()
-        for name, t in sorted(self.backbone.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return digest(self.backbone.state_dict())
