@@ -14,8 +14,9 @@ from enum import Enum
 
 class Method(str, Enum):
     """The pruning methods (`stamp prune --method`, ``bench.methods``): the dense reference, the score-based
-    baselines of pruning/baselines.py, train-then-prune, gates learned on the target (pruning/gates.py) and
-    STAMP. Their implementations are the registry ``stamp_dist.methods.METHODS``."""
+    baselines of pruning/baselines.py, train-then-prune, gates learned on the target (pruning/gates.py),
+    STAMP, and STAMP's channels of the dense network fine-tuned on the target (train-then-prune with STAMP
+    choosing). Their implementations are the registry ``stamp_dist.methods.METHODS``."""
 
     DENSE = "dense"
     RANDOM = "random"
@@ -28,6 +29,7 @@ class Method(str, Enum):
     TRAIN_PRUNE = "train_prune"
     LEARN_GATES = "learn_gates"
     STAMP = "stamp"
+    TRAIN_STAMP = "train_stamp"
 
     __str__ = str.__str__  # f-strings and joins show the name itself, as for a plain string
     __format__ = str.__format__

@@ -190,14 +190,18 @@ class ScoreMethod(MaskMethod):
 
 
 class TrainPrune(PruningMethod):
-    """Fine-tune the dense network on the sample, prune it by L1, keep its fine-tuned head."""
+    """Fine-tune the dense network on the sample, prune it by L1, keep its fine-tuned weights and head."""
 
     name, family, fine_tunes = Method.TRAIN_PRUNE, Family.TRAINED, 2
+
+    def choose(self, fine_tuned: torch.nn.Module, source: Source, job: Job) -> list[torch.Tensor]:
+        """The channels to keep of the dense network fine-tuned on the sample."""
+        return uniform_ratio_masks(l1_scores(fine_tuned, source.net.groups), job.cost(source), job.budget)
 
     def prune(self, source: Source, job: Job) -> Pruned:
         dense = job.dense_finetuned()
         t = time.perf_counter()
-        masks = uniform_ratio_masks(l1_scores(dense.pruned.model, source.net.groups), job.cost(source), job.budget)
+        masks = self.choose(dense.pruned.model, source, job)
         t_masks = time.perf_counter() - t
         t = time.perf_counter()
         model = prune_model(dense.pruned.model, source.net.groups, masks)  # keeps the fine-tuned head
@@ -251,8 +255,29 @@ class Stamp(MaskMethod):
         return stamp_masks(gen, stamp, job.batch, job.budget, seeded, job.cost(source))
 
 
+class TrainStamp(TrainPrune):
+    """train_prune with STAMP choosing: the generator reads the pruning batch through the reference backbone, as
+    ``stamp`` does, and its channels are cut from the dense network fine-tuned on the sample. On the real
+    targets the dense network's lead over a pruned one lies mostly in weights fine-tuned on the target, not in
+    which channels are kept (docs/BENCHMARKS.md, "Where the room is"): this method takes both, at
+    train_prune's cost."""
+
+    name = Method.TRAIN_STAMP
+    uses_generator = True
+
+    def cache_key(self, cfg: StampConfig, source: Source) -> dict:
+        return METHODS[Method.STAMP].cache_key(cfg, source)
+
+    def record(self, cfg: StampConfig, source: Source) -> dict:
+        return METHODS[Method.STAMP].record(cfg, source)
+
+    def choose(self, fine_tuned: torch.nn.Module, source: Source, job: Job) -> list[torch.Tensor]:
+        return METHODS[Method.STAMP].masks(source, job)
+
+
 METHODS: dict[Method, PruningMethod] = {m.name: m for m in (
-    Dense(), *(ScoreMethod(name, score) for name, score in SCORES.items()), TrainPrune(), LearnGates(), Stamp())}
+    Dense(), *(ScoreMethod(name, score) for name, score in SCORES.items()), TrainPrune(), LearnGates(), Stamp(),
+    TrainStamp())}
 
 
 def method_named(name: str) -> PruningMethod:

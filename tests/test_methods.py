@@ -25,8 +25,9 @@ def test_the_registry_holds_every_method_name_once():
     assert list(METHODS) == list(Method) and [str(m) for m in METHODS] == list(METHOD_NAMES)
     assert all(m.name is name for name, m in METHODS.items())
     assert [m for m in METHODS if not METHODS[m].prunes] == [Method.DENSE]
-    assert [m for m in METHODS if METHODS[m].uses_generator] == [Method.STAMP]
-    assert {m for m in METHODS if METHODS[m].family is Family.TRAINED} == {Method.TRAIN_PRUNE, Method.LEARN_GATES}
+    assert [m for m in METHODS if METHODS[m].uses_generator] == [Method.STAMP, Method.TRAIN_STAMP]
+    assert {m for m in METHODS if METHODS[m].family is Family.TRAINED} == {Method.TRAIN_PRUNE, Method.LEARN_GATES,
+                                                                          Method.TRAIN_STAMP}
 
 
 def test_bench_accepts_exactly_the_registered_methods(tiny_run):
@@ -83,7 +84,39 @@ def test_bench_cache_keys_hold_each_methods_settings(tiny_run, tiny_generator, t
               "pruning_batch_per_class", "finetune"}
     extra = {m: set(k) - common for m, k in keys.items()}
     assert extra == {**{m: set() for m in METHOD_NAMES}, "learn_gates": {"gates"},
-                     "stamp": {"generator", "allocation", "selection"}}
+                     "stamp": {"generator", "allocation", "selection"},
+                     "train_stamp": {"generator", "allocation", "selection"}}
     assert keys["learn_gates"]["gates"] == {"steps": 50, "lr": 0.05, "batch": 32, "tau": 0.5, "straight_through": False,
                                             "prior": "bernoulli", "prior_weight": 0.01, "budget_weight": 50.0}
     assert keys["stamp"]["generator"] == b.source.generator_id and keys["stamp"]["selection"] == "sample"
+
+
+def test_train_stamp_cuts_stamps_channels_from_the_fine_tuned_network(tiny_run, tiny_generator):
+    from stamp_dist.bench import samples
+
+    cfg = tiny_config(tiny_run, f"meta.out={tiny_generator}", f"bench.targets=[{tiny_run}/data/targets/digits]",
+                      "bench.methods=[train_stamp]")
+    b = run.Bench(cfg, torch.device("cpu"))
+    src = b.source
+    [cell] = plan.plan_cells(cfg)
+    sample, evaluation = samples.split_sample(b.data(cell.target), cell.train_per_class, cell.seed)
+    batch = samples.pruning_batch(sample, 5, cell.seed, b.device)
+    job = b.job(cell, sample, batch, evaluation)
+    g = src.net.groups[1]
+    chosen = METHODS[Method.STAMP].masks(src, job)
+
+    def fine_tune(model, cell, sample, evaluation):  # a "fine-tune" that silences the filters STAMP keeps
+        with torch.no_grad():
+            model.get_submodule(g.name).weight[chosen[1]] = 0
+        return {"seconds": 1.0, "top1": 0.5, "top1_before": 0.1}
+
+    b.finetune = fine_tune
+    pruned = METHODS[Method.TRAIN_STAMP].prune(src, job)
+    dense = b.dense_finetune(cell, sample, batch, evaluation).pruned.model
+    by_l1 = METHODS[Method.TRAIN_PRUNE].choose(dense, src, job)
+    assert not all(torch.equal(a, c) for a, c in zip(chosen, by_l1))  # train_prune's rule would choose otherwise
+    assert all(torch.equal(a, c) for a, c in zip(pruned.masks, chosen))  # STAMP's channels, read as stamp reads them
+    kept_out, kept_in = chosen[1].nonzero().squeeze(1), chosen[0].nonzero().squeeze(1)
+    weight = pruned.model.get_submodule(g.name).weight
+    assert torch.equal(weight, dense.get_submodule(g.name).weight[kept_out][:, kept_in]) and not weight.any()
+    assert torch.equal(pruned.model.fc.bias, dense.fc.bias)  # the fine-tuned head is kept
