@@ -134,6 +134,10 @@ class PruneConfig:
     # draw from the generator's own distribution, seeded by prune.seed, as in meta-training).
     selection: str = "sample"
     seed: int = 0
+    # train_prune / train_stamp: epochs of the dense network's fine-tune on the sample before it is pruned; None =
+    # the fine-tune's own (finetune.epochs; in the bench, the regime's). Fewer epochs cost less and keep part of the
+    # gain (docs/BENCHMARKS.md, "Where the room is").
+    warmup_epochs: Optional[int] = None
 
 
 @dataclass

@@ -114,7 +114,8 @@ class Job:
     budget: float
     seed: int
     cfg: StampConfig  # prune (STAMP; budget_kind for all), meta + bench.gate_* (learn_gates), finetune (train_prune)
-    dense_finetuned: Callable[[], Finetuned]  # train_prune's first stage (the bench shares it with dense)
+    # train_prune's first stage for an epoch count (None: the fine-tune's own; the bench shares that one with dense)
+    dense_finetuned: Callable[[int | None], Finetuned]
 
     def cost(self, source: Source) -> BudgetCost:
         """What ``budget`` is a fraction of (``prune.budget_kind``): the source backbone's MACs or measured latency."""
@@ -198,8 +199,12 @@ class TrainPrune(PruningMethod):
         """The channels to keep of the dense network fine-tuned on the sample."""
         return uniform_ratio_masks(l1_scores(fine_tuned, source.net.groups), job.cost(source), job.budget)
 
+    def cache_key(self, cfg: StampConfig, source: Source) -> dict:
+        warmup = cfg.prune.warmup_epochs
+        return {} if warmup is None else {"warmup_epochs": warmup}
+
     def prune(self, source: Source, job: Job) -> Pruned:
-        dense = job.dense_finetuned()
+        dense = job.dense_finetuned(job.cfg.prune.warmup_epochs)
         t = time.perf_counter()
         masks = self.choose(dense.pruned.model, source, job)
         t_masks = time.perf_counter() - t
@@ -266,10 +271,10 @@ class TrainStamp(TrainPrune):
     uses_generator = True
 
     def cache_key(self, cfg: StampConfig, source: Source) -> dict:
-        return METHODS[Method.STAMP].cache_key(cfg, source)
+        return {**METHODS[Method.STAMP].cache_key(cfg, source), **super().cache_key(cfg, source)}
 
     def record(self, cfg: StampConfig, source: Source) -> dict:
-        return METHODS[Method.STAMP].record(cfg, source)
+        return {**METHODS[Method.STAMP].record(cfg, source), **super().cache_key(cfg, source)}
 
     def choose(self, fine_tuned: torch.nn.Module, source: Source, job: Job) -> list[torch.Tensor]:
         return METHODS[Method.STAMP].masks(source, job)
@@ -289,12 +294,13 @@ def method_named(name: str) -> PruningMethod:
 # --- `stamp prune`: one method, one target, one artifact ------------------------------------------------------
 
 
-def _finetune_dense(source: Source, job: Job) -> Finetuned:
+def _finetune_dense(source: Source, job: Job, epochs: int | None) -> Finetuned:
     """train_prune's first stage outside the bench: the dense network with a prototype head, fine-tuned on
-    the sample with ``finetune.*`` (no held-out images here: it is scored on the sample itself)."""
+    the sample with ``finetune.*`` for ``epochs`` (None: ``finetune.epochs``; no held-out images here: it is
+    scored on the sample itself)."""
     dense = METHODS[Method.DENSE].prune(source, job)
     sample = (job.sample.x, job.sample.y)
-    schedule = Schedule.finetuning(job.cfg.finetune, job.seed)
+    schedule = Schedule.finetuning(job.cfg.finetune, job.seed, epochs)
     return Finetuned(dense, finetune_model(dense.model, sample, sample, source.net.norm, schedule, source.net.device))
 
 
@@ -333,7 +339,7 @@ def prune_with(method: str, data: str | Path, budget: float, out: str | Path, cf
     p = cfg.prune
     target = load_target(data, p.samples_per_class, source.net.record)
     target.x, target.y = target.x.to(dev), target.y.to(dev)
-    job = Job(target, target, budget, p.seed, cfg, lambda: _finetune_dense(source, job))
+    job = Job(target, target, budget, p.seed, cfg, lambda epochs: _finetune_dense(source, job, epochs))
     # a latency table is read (or measured) before any method runs; dense keeps every channel whatever the kind
     cost = job.cost(source) if m.prunes else source.net.budget("macs")
     pruned = m.prune(source, job)

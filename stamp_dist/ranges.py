@@ -108,6 +108,7 @@ RANGES: dict[str, Range] = {
     "prune.latency_batch": COUNT,
     "meta.latency_batch": COUNT,
     "prune.seed": SEED,
+    "prune.warmup_epochs": COUNT,
     "finetune.epochs": COUNT,
     "finetune.batch_size": at_least(2),
     "finetune.lr": POSITIVE,

@@ -120,3 +120,39 @@ def test_train_stamp_cuts_stamps_channels_from_the_fine_tuned_network(tiny_run, 
     weight = pruned.model.get_submodule(g.name).weight
     assert torch.equal(weight, dense.get_submodule(g.name).weight[kept_out][:, kept_in]) and not weight.any()
     assert torch.equal(pruned.model.fc.bias, dense.fc.bias)  # the fine-tuned head is kept
+
+
+def test_warmup_epochs_set_the_dense_fine_tune_before_pruning_only(tiny_run, tiny_generator):
+    from stamp_dist.bench import samples
+
+    cfg = tiny_config(tiny_run, f"meta.out={tiny_generator}", f"bench.targets=[{tiny_run}/data/targets/digits]",
+                      "bench.methods=[dense,train_prune,train_stamp]", "prune.warmup_epochs=2")
+    b = run.Bench(cfg, torch.device("cpu"))
+    dense_cell, *pruning_cells = plan.plan_cells(cfg)
+    sample, evaluation = samples.split_sample(b.data(dense_cell.target), dense_cell.train_per_class, dense_cell.seed)
+    batch = samples.pruning_batch(sample, 5, dense_cell.seed, b.device)
+    epochs = []
+
+    def fine_tune(model, cell, sample, evaluation):
+        epochs.append(cell.epochs)
+        return {"seconds": 1.0, "top1": 0.5, "top1_before": 0.1}
+
+    b.finetune = fine_tune
+    b.dense_finetune(dense_cell, sample, batch, evaluation)  # the dense reference: the regime's epochs
+    for cell in pruning_cells:
+        METHODS[cell.method].prune(b.source, b.job(cell, sample, batch, evaluation))
+    assert dense_cell.epochs != 2 and epochs == [dense_cell.epochs, 2]  # one 2-epoch warm-up, shared
+    keys = {c.method: b.key(c) for c in pruning_cells}
+    assert keys["train_prune"]["warmup_epochs"] == keys["train_stamp"]["warmup_epochs"] == 2
+
+
+def test_prune_with_warms_up_for_warmup_epochs(tiny_run, tiny_generator, digits, tmp_path, monkeypatch):
+    import stamp_dist.methods as methods
+
+    seen = []
+    real = methods.finetune_model
+    monkeypatch.setattr(methods, "finetune_model", lambda *a, **k: seen.append(a[4].epochs) or real(*a, **k))
+    cfg = tiny_config(tiny_run, "prune.warmup_epochs=1", "finetune.epochs=3")
+    report = stamp_dist.prune_with("train_stamp", digits, BUDGET, tmp_path / "p", cfg, generator=tiny_generator,
+                                   device="cpu")
+    assert seen == [1] and report["warmup_epochs"] == 1

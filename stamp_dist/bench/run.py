@@ -7,7 +7,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -60,19 +60,23 @@ class Bench:
 
     def job(self, cell: Cell, sample: Target, batch: Target, evaluation: tuple) -> Job:
         return Job(sample, batch, cell.budget, cell.seed, self.cfg,
-                   lambda: self.dense_finetune(cell, sample, batch, evaluation))
+                   lambda epochs: self.dense_finetune(cell, sample, batch, evaluation, epochs))
 
     def finetune(self, model: torch.nn.Module, cell: Cell, sample: Target, evaluation: tuple) -> dict:
         return finetune_model(model, (sample.x, sample.y), evaluation, self.source.net.norm,
                               Schedule.finetuning(self.cfg.finetune, cell.seed, cell.epochs), self.device)
 
-    def dense_finetune(self, cell: Cell, sample: Target, batch: Target, evaluation: tuple) -> Finetuned:
-        """The dense network with a prototype head, fine-tuned on the sample (a copy). Run once per
-        (target, regime, seed); only the latest is kept, as cells come ordered by those."""
-        key = (cell.target, cell.train_per_class, cell.epochs, cell.seed)
+    def dense_finetune(self, cell: Cell, sample: Target, batch: Target, evaluation: tuple,
+                       epochs: int | None = None) -> Finetuned:
+        """The dense network with a prototype head, fine-tuned on the sample for ``epochs`` (None: the regime's)
+        (a copy). Run once per (target, regime, seed, epochs); only the latest (target, regime, seed) is kept, as
+        cells come ordered by those."""
+        run = cell if epochs is None else replace(cell, epochs=epochs)
+        key = (cell.target, cell.train_per_class, run.epochs, cell.seed)
         if key not in self._dense:
             dense = METHODS[Method.DENSE].prune(self.source, self.job(cell, sample, batch, evaluation))
-            self._dense = {key: Finetuned(dense, self.finetune(dense.model, cell, sample, evaluation))}
+            kept = {k: v for k, v in self._dense.items() if k[:2] == key[:2] and k[3] == key[3]}
+            self._dense = {**kept, key: Finetuned(dense, self.finetune(dense.model, run, sample, evaluation))}
         return copy.deepcopy(self._dense[key])
 
     def latency(self, model: torch.nn.Module, kept: list[int]) -> dict:
