@@ -72,11 +72,12 @@ class Bench:
         (a copy). Run once per (target, regime, seed, epochs); only the latest (target, regime, seed) is kept, as
         cells come ordered by those."""
         run = cell if epochs is None else replace(cell, epochs=epochs)
-        key = (cell.target, cell.train_per_class, run.epochs, cell.seed)
+        same = (cell.target, cell.train_per_class, cell.seed)
+        key = (*same, run.epochs)
         if key not in self._dense:
             dense = METHODS[Method.DENSE].prune(self.source, self.job(cell, sample, batch, evaluation))
-            kept = {k: v for k, v in self._dense.items() if k[:2] == key[:2] and k[3] == key[3]}
-            self._dense = {**kept, key: Finetuned(dense, self.finetune(dense.model, run, sample, evaluation))}
+            self._dense = {k: v for k, v in self._dense.items() if k[:3] == same} | {
+                key: Finetuned(dense, self.finetune(dense.model, run, sample, evaluation))}
         return copy.deepcopy(self._dense[key])
 
     def latency(self, model: torch.nn.Module, kept: list[int]) -> dict:
