@@ -5,6 +5,7 @@ datasets with 12 reference classes and a ConvNet pretrained for one epoch. Tests
 from it with ``tiny_config``.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -35,6 +36,14 @@ def tiny_config(root: Path, *overrides: str):
                                    f"data.fashion_mnist={root}/fashion_idx",
                                    f"pretrain.out={root}/pretrain", f"meta.out={root}/meta",
                                    f"bench.out={root}/results", f"tracking.dir={root}/wandb", *overrides])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The complete lines of a log a run may still be appending to (a poll can catch the last one half-written)."""
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
 
 
 def write_fake_fashion_mnist(folder: Path, per_class: int = 8, seed: int = 0) -> Path:

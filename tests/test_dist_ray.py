@@ -26,7 +26,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import tiny_config
+from conftest import read_jsonl, tiny_config
 from stamp_dist.errors import EXIT_STOPPED
 
 # The tests using the session's Ray instance run on one pytest-xdist worker: one Ray per test session.
@@ -64,10 +64,6 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
 def last_step(run: Path) -> int:
     lines = read_jsonl(run / "metrics.jsonl")
     return lines[-1]["step"] if lines else 0
@@ -75,8 +71,17 @@ def last_step(run: Path) -> int:
 
 def latest_checkpoint_step(run: Path) -> int:
     """The step of the newest checkpoint Ray Train registered for the run (what a resume starts from)."""
-    snapshot = json.loads((run / "train" / "checkpoint_manager_snapshot.json").read_text())
+    path = run / "train" / "checkpoint_manager_snapshot.json"
+    # Ray Train rewrites this file in place, not by rename: a poll can catch it empty or half-written.
+    snapshot = wait_for(lambda: parsed_json(path), 30, f"{path} to parse")
     return max(r["metrics"]["step"] for r in snapshot["checkpoint_results"])
+
+
+def parsed_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
 
 
 def listening(procs: list[psutil.Process]) -> list[str]:

@@ -26,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import read_jsonl, tiny_config
 from stamp_dist.errors import StampError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,8 +200,7 @@ def _max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
 
 
 def _steps_logged(run: Path) -> list[int]:
-    path = run / "metrics.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() else []
+    return [line["step"] for line in read_jsonl(run / "metrics.jsonl")]
 
 
 # --- rendering (no cluster) --------------------------------------------------------------------------
