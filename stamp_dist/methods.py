@@ -262,10 +262,9 @@ class Stamp(MaskMethod):
 
 class TrainStamp(TrainPrune):
     """train_prune with STAMP choosing: the generator reads the pruning batch through the reference backbone, as
-    ``stamp`` does, and its channels are cut from the dense network fine-tuned on the sample. On the real
-    targets the dense network's lead over a pruned one lies mostly in weights fine-tuned on the target, not in
-    which channels are kept (docs/BENCHMARKS.md, "Where the room is"): this method takes both, at
-    train_prune's cost."""
+    ``stamp`` does, and its channels are cut from the dense network fine-tuned on the sample, at train_prune's
+    cost. Its lead over ``stamp`` at equal final fine-tune epochs is mostly the extra training (docs/BENCHMARKS.md,
+    "Thirty epochs were too few")."""
 
     name = Method.TRAIN_STAMP
     uses_generator = True

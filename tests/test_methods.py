@@ -91,16 +91,21 @@ def test_bench_cache_keys_hold_each_methods_settings(tiny_run, tiny_generator, t
     assert keys["stamp"]["generator"] == b.source.generator_id and keys["stamp"]["selection"] == "sample"
 
 
-def test_train_stamp_cuts_stamps_channels_from_the_fine_tuned_network(tiny_run, tiny_generator):
+def _digits_bench(tiny_run, tiny_generator, *overrides):
+    """A Bench on the tiny digits target, its cells, and the first cell's sample, pruning batch and scoring set."""
     from stamp_dist.bench import samples
 
     cfg = tiny_config(tiny_run, f"meta.out={tiny_generator}", f"bench.targets=[{tiny_run}/data/targets/digits]",
-                      "bench.methods=[train_stamp]")
+                      *overrides)
     b = run.Bench(cfg, torch.device("cpu"))
+    cells = plan.plan_cells(cfg)
+    sample, evaluation = samples.split_sample(b.data(cells[0].target), cells[0].train_per_class, cells[0].seed)
+    return b, cells, sample, samples.pruning_batch(sample, 5, cells[0].seed, b.device), evaluation
+
+
+def test_train_stamp_cuts_stamps_channels_from_the_fine_tuned_network(tiny_run, tiny_generator):
+    b, [cell], sample, batch, evaluation = _digits_bench(tiny_run, tiny_generator, "bench.methods=[train_stamp]")
     src = b.source
-    [cell] = plan.plan_cells(cfg)
-    sample, evaluation = samples.split_sample(b.data(cell.target), cell.train_per_class, cell.seed)
-    batch = samples.pruning_batch(sample, 5, cell.seed, b.device)
     job = b.job(cell, sample, batch, evaluation)
     g = src.net.groups[1]
     chosen = METHODS[Method.STAMP].masks(src, job)
@@ -123,14 +128,8 @@ def test_train_stamp_cuts_stamps_channels_from_the_fine_tuned_network(tiny_run, 
 
 
 def test_warmup_epochs_set_the_dense_fine_tune_before_pruning_only(tiny_run, tiny_generator):
-    from stamp_dist.bench import samples
-
-    cfg = tiny_config(tiny_run, f"meta.out={tiny_generator}", f"bench.targets=[{tiny_run}/data/targets/digits]",
-                      "bench.methods=[dense,train_prune,train_stamp]", "prune.warmup_epochs=2")
-    b = run.Bench(cfg, torch.device("cpu"))
-    dense_cell, *pruning_cells = plan.plan_cells(cfg)
-    sample, evaluation = samples.split_sample(b.data(dense_cell.target), dense_cell.train_per_class, dense_cell.seed)
-    batch = samples.pruning_batch(sample, 5, dense_cell.seed, b.device)
+    b, [dense_cell, *pruning_cells], sample, batch, evaluation = _digits_bench(
+        tiny_run, tiny_generator, "bench.methods=[dense,train_prune,train_stamp]", "prune.warmup_epochs=2")
     epochs = []
 
     def fine_tune(model, cell, sample, evaluation):
